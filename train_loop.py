@@ -1,0 +1,249 @@
+"""Fine-tune Whisper on one language or domain.
+
+    accelerate launch [--gpu_ids 1] train_loop.py --config config.yaml [--learning-rate 3e-5 ...]
+    python train_loop.py --config config.yaml            # one process
+    bash launch.sh [GPU_ID] [flags]                      # in the background, logging to train.log
+
+Rerunning the same command resumes from the newest complete checkpoint in checkpoint_dir.
+The whole run reads top to bottom in train(); the pieces it calls live in whisper_ft/.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+
+from whisper_ft.config import Config, ConfigError, dump_yaml, load_config
+
+EXIT_CONFIG, EXIT_ERROR, EXIT_STOPPED = 2, 1, 3
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        cfg = load_config(argv)
+    except ConfigError as e:
+        print(f"whisper-ft: the configuration has problems:\n{e}", file=sys.stderr)
+        return EXIT_CONFIG
+    if cfg.gpu_device and "LOCAL_RANK" not in os.environ:  # plain `python train_loop.py -g 1`
+        os.environ["CUDA_VISIBLE_DEVICES"] = cfg.gpu_device
+    from whisper_ft.checkpoint import CheckpointError
+    from whisper_ft.data import DataError
+    from whisper_ft.model import ModelError
+    from whisper_ft.run import RunStopped
+
+    try:
+        return train(cfg)
+    except (DataError, ModelError, CheckpointError) as e:
+        print(f"whisper-ft: {e}", file=sys.stderr)
+        return EXIT_ERROR
+    except RunStopped as e:
+        print(f"whisper-ft: {e}", file=sys.stderr)
+        return e.exit_code
+
+
+def train(cfg: Config) -> int:
+    import torch
+    from accelerate import Accelerator
+    from accelerate.utils import DataLoaderConfiguration, set_seed
+    from tqdm.auto import tqdm
+
+    from whisper_ft import checkpoint, run
+    from whisper_ft.collate import IGNORE_INDEX, Collator
+    from whisper_ft.data import BadCounter, Prepare, RecordDataset, TrainBatches
+    from whisper_ft.evaluation import evaluate, token_loss_sum
+    from whisper_ft.languages import resolve
+    from whisper_ft.metrics_log import MetricsLog
+    from whisper_ft.model import generate_kwargs, load_whisper
+    from whisper_ft.schedule import lr_at, set_lr
+
+    # ---- set up: processes, model, data -----------------------------------------------------
+    accelerator = Accelerator(
+        mixed_precision=run.mixed_precision(cfg),
+        gradient_accumulation_steps=cfg.gradient_accumulation_steps,
+        # Each process reads its own shard; batches differ in shape, so nothing is dispatched (pitfall 5).
+        dataloader_config=DataLoaderConfiguration(dispatch_batches=False, split_batches=False),
+        step_scheduler_with_optimizer=False,  # the LR is a pure function of the step (pitfall 4)
+    )
+    say = run.Reporter(accelerator)
+    out = Path(cfg.checkpoint_dir)
+    set_seed(cfg.seed)
+    lang = resolve(cfg.lang)
+    processor, model = load_whisper(cfg.whisper_pretrained, lang, cfg.task, cache_dir=cfg.model_cache,
+                                    token=cfg.hf_token)
+    model.config.use_cache = False  # caching is for generation; in training it only costs memory
+    if cfg.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    prepare = Prepare(processor.feature_extractor, processor.tokenizer)
+    collate = Collator(model.config.decoder_start_token_id)
+    rank, world = accelerator.process_index, accelerator.num_processes
+
+    train_records, eval_records, skipped = run.load_data(cfg, lang, prepare, say)
+    bad = BadCounter()
+    for b in skipped:
+        bad.add(b)
+
+    optimizer = torch.optim.AdamW(run.param_groups(model, cfg.weight_decay), lr=cfg.learning_rate)
+    model, optimizer = accelerator.prepare(model, optimizer)
+
+    # ---- resume or start ----------------------------------------------------------------------
+    state = run.fresh_state(cfg)
+    resumed_from = checkpoint.find_resumable(out, say)
+    if resumed_from is not None:
+        accelerator.load_state(str(resumed_from))
+        state = run.resume_state(checkpoint.read_state(resumed_from), cfg, say)
+        bad.load_state_dict(state["bad"])
+        say(f"resumed from {resumed_from} at step {state['step']}")
+    elif accelerator.is_main_process:
+        out.mkdir(parents=True, exist_ok=True)
+    if accelerator.is_main_process:
+        (out / "config.yaml").write_text(dump_yaml(cfg), encoding="utf-8")
+    accelerator.wait_for_everyone()
+
+    log = MetricsLog(out, accelerator.is_main_process, cfg.report_to == "tensorboard",
+                     resume_step=state["step"] if resumed_from else None)
+    micro_per_step = cfg.gradient_accumulation_steps
+    batches = iter(torch.utils.data.DataLoader(
+        RecordDataset(train_records, prepare), collate_fn=collate, num_workers=cfg.dataloader_num_workers,
+        batch_sampler=TrainBatches(len(train_records), cfg.per_device_train_batch_size, cfg.seed, rank, world,
+                                   start=state["step"] * micro_per_step),
+        generator=torch.Generator(),  # its own RNG: creating the loader must not shift dropout's (exact resume)
+        persistent_workers=cfg.dataloader_num_workers > 0))
+    eval_loader = run.eval_loader(eval_records, prepare, collate, cfg, rank, world)
+    gen_kwargs = generate_kwargs(accelerator.unwrap_model(model), cfg.generation_max_length) \
+        if cfg.predict_with_generate else None
+    stopper = run.GracefulStop(accelerator)
+
+    def do_eval(step: int) -> None:
+        metrics, rows, eval_bad = evaluate(model, eval_loader, processor.tokenizer, accelerator,
+                                           generate_kwargs=gen_kwargs, should_stop=stopper.requested)
+        if stopper.agreed():  # abandoned half-way: evaluate again after the resume
+            state["pending_eval"] = True
+            save(step)
+            raise run.RunStopped(f"stopped by signal during the evaluation at step {step}; checkpoint saved. "
+                                 "Rerun the same command to resume.")
+        state["pending_eval"] = False
+        metrics["eval_bad_samples"] = len(eval_bad)
+        log.log(step, metrics)
+        log.text(step, "eval/samples", run.samples_table(rows[:8]))
+        if step == 0:
+            state["base_metrics"] = metrics
+        key = "eval_" + cfg.metric_for_best_model
+        value = metrics.get(key)
+        if step > 0 and value is not None and (state["best_metric"] is None or
+                                  (value > state["best_metric"]) == cfg.greater_is_better and value != state["best_metric"]):
+            state["best_metric"], state["best_step"] = value, step
+        say(f"step {step}: " + ", ".join(f"{k[5:]} {v:.2f}" for k, v in metrics.items()
+                                         if k in ("eval_wer", "eval_cer", "eval_wer_ortho", "eval_loss")))
+
+    def save(step: int) -> None:
+        state["bad"] = bad.state_dict()
+        path = checkpoint.save(accelerator, out, step, state)
+        if accelerator.is_main_process:
+            best = out / f"checkpoint-{state['best_step']}" if state["best_step"] is not None else None
+            checkpoint.prune(out, cfg.save_total_limit, keep={best, resumed_from})
+        say(f"saved {path}", to_bar=True)
+
+    stopper.on_stop = lambda: save(state["step"])
+
+    # ---- train --------------------------------------------------------------------------------
+    if cfg.eval_strategy == "steps" and ((cfg.eval_at_start and state["step"] == 0 and not resumed_from)
+                                         or state.get("pending_eval")):
+        do_eval(state["step"])
+    model.train()
+    bar = tqdm(total=cfg.max_steps, initial=state["step"], disable=not accelerator.is_main_process,
+               desc="training", dynamic_ncols=True)
+    window = run.Window()
+    while state["step"] < cfg.max_steps:
+        step = state["step"]
+        lr = lr_at(step, peak=cfg.learning_rate, warmup_steps=cfg.warmup_steps, max_steps=cfg.max_steps,
+                   kind=cfg.lr_scheduler_type)
+        set_lr(optimizer, lr)
+        micro = [next(batches) for _ in range(micro_per_step)]
+        for mb in micro:
+            for b in mb["bad"]:
+                bad.add(b)
+        bad.seen += sum(len(mb["ids"]) + len(mb["bad"]) for mb in micro)
+        # Normalise by the label tokens of the whole optimizer step on all processes, so every token
+        # weighs the same whatever the batch, accumulation and process count (pitfall 7).
+        local_tokens = sum(int((mb["labels"] != IGNORE_INDEX).sum()) for mb in micro if mb["ids"])
+        step_tokens = int(accelerator.reduce(torch.tensor(local_tokens, device=accelerator.device), "sum"))
+        loss_sum = torch.zeros((), device=accelerator.device)
+        for mb in micro:
+            with accelerator.accumulate(model):
+                features, labels = run.batch_or_placeholder(mb, model, accelerator.device)
+                with accelerator.autocast():
+                    logits = model(input_features=features, labels=labels).logits
+                token_loss = token_loss_sum(logits, labels)
+                # backward divides by the accumulation steps and DDP averages over processes: undo both.
+                accelerator.backward(token_loss * world * micro_per_step / max(1, step_tokens))
+                loss_sum += token_loss.detach()
+        step_loss = float(accelerator.reduce(loss_sum, "sum")) / max(1, step_tokens)
+
+        if math.isfinite(step_loss):
+            grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm) \
+                if cfg.max_grad_norm > 0 else None
+            optimizer.step()
+            state["nonfinite_in_row"] = 0
+        else:  # skip the update: one poisoned batch must not wipe out hours of training
+            grad_norm = None
+            state["nonfinite_in_row"] += 1
+            state["nonfinite_steps"] += 1
+            say(f"step {step + 1}: loss is {step_loss}; update skipped "
+                f"({state['nonfinite_in_row']} in a row, limit {cfg.max_nonfinite_steps})", to_bar=True)
+            if state["nonfinite_in_row"] >= cfg.max_nonfinite_steps:
+                raise run.RunStopped(f"{cfg.max_nonfinite_steps} optimizer steps in a row had a NaN/inf loss; "
+                                     "stopped without saving the poisoned state. Lower learning_rate, turn off fp16 "
+                                     "(bf16 or fp32) or look for broken samples; the last checkpoint is intact.",
+                                     EXIT_ERROR)
+        optimizer.zero_grad(set_to_none=True)
+
+        state["step"] = step = step + 1
+        samples = int(accelerator.reduce(torch.tensor(sum(len(mb["ids"]) for mb in micro),
+                                                      device=accelerator.device), "sum"))
+        seconds = float(accelerator.reduce(torch.tensor(sum(mb["seconds"] for mb in micro),
+                                                        device=accelerator.device), "sum"))
+        state["samples_seen"] += samples
+        state["audio_seconds_seen"] += seconds
+        window.add(step_loss, samples)
+        bar.update(1)
+        bar.set_postfix(loss=f"{step_loss:.3f}", lr=f"{lr:.2e}", sps=f"{window.samples_per_second():.1f}")
+
+        if step % cfg.logging_steps == 0 or step == cfg.max_steps:
+            log.log(step, {"loss": window.mean_loss(), "lr": lr, "grad_norm": None if grad_norm is None else
+                           float(grad_norm), "samples_per_second": window.samples_per_second(),
+                           "epoch": state["samples_seen"] / max(1, len(train_records)),
+                           "bad_samples": bad.total, "nonfinite_steps": state["nonfinite_steps"]})
+            window = run.Window()
+        run.check_bad_fraction(bad, cfg, say, on_stop=lambda: save(step))
+        evaluated = cfg.eval_strategy == "steps" and (step % cfg.eval_steps == 0 or step == cfg.max_steps)
+        if evaluated:
+            do_eval(step)
+        new_best = evaluated and state["best_step"] == step and cfg.load_best_model_at_end
+        if step % cfg.save_steps == 0 or step == cfg.max_steps or new_best:
+            save(step)
+        stopper.check(step)
+    bar.close()
+
+    # ---- the model out ------------------------------------------------------------------------
+    final_step = state["step"]
+    if cfg.load_best_model_at_end and state["best_step"] is not None and state["best_step"] != final_step:
+        accelerator.load_state(str(out / f"checkpoint-{state['best_step']}"))
+        say(f"best {cfg.metric_for_best_model} {state['best_metric']:.2f} was at step {state['best_step']}; "
+            "exporting that model")
+    if accelerator.is_main_process:
+        checkpoint.export_model(accelerator.unwrap_model(model), processor, out)
+        run.finish(cfg, lang, state, bad, out, say)
+        log.log(final_step, {"bad_samples_by_reason": dict(bad.counts), "bad_samples": bad.total,
+                             "samples_seen": state["samples_seen"]})
+    log.close()
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

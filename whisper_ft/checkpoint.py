@@ -1,0 +1,133 @@
+"""Training state on disk: save, find, prune, export.
+
+A checkpoint is `checkpoint-<step>/`: accelerate's save_state (model, optimizer, scaler, RNG of
+every process) plus our `trainer_state.json` (step, best metric, data position, counters). It is
+written to `checkpoint-<step>.tmp/`, marked complete, then renamed, and only then are old ones
+pruned; so a kill at any moment leaves the previous checkpoint intact (DESIGN pitfall 11).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+from pathlib import Path
+from typing import Any
+
+STATE_FILE = "trainer_state.json"
+COMPLETE = "COMPLETE"  # written last: a folder without it is a save that was interrupted
+NAME = re.compile(r"^checkpoint-(\d+)$")
+
+
+class CheckpointError(Exception):
+    pass
+
+
+def step_of(path: Path) -> int:
+    m = NAME.match(path.name)
+    return int(m.group(1)) if m else -1
+
+
+def list_checkpoints(root: Path) -> list[Path]:
+    """Complete checkpoints, newest (highest step, numerically) first."""
+    if not root.is_dir():
+        return []
+    found = [p for p in root.iterdir() if p.is_dir() and NAME.match(p.name) and (p / COMPLETE).is_file()]
+    return sorted(found, key=step_of, reverse=True)
+
+
+def read_state(path: Path) -> dict[str, Any]:
+    return json.loads((path / STATE_FILE).read_text(encoding="utf-8"))
+
+
+def save(accelerator, root: Path, step: int, state: dict[str, Any]) -> Path:
+    """Write checkpoint-<step> crash-safely; every process must call this (each saves its RNG state)."""
+    final, tmp = root / f"checkpoint-{step}", root / f"checkpoint-{step}.tmp"
+    if accelerator.is_main_process and tmp.exists():
+        shutil.rmtree(tmp)
+    accelerator.wait_for_everyone()
+    try:
+        accelerator.save_state(str(tmp), safe_serialization=True)
+        if accelerator.is_main_process:
+            (tmp / STATE_FILE).write_text(json.dumps(state, indent=1), encoding="utf-8")
+            _fsync_tree(tmp)
+        accelerator.wait_for_everyone()
+        if accelerator.is_main_process:
+            _write_synced(tmp / COMPLETE, str(step))
+            if final.exists():  # the same step saved again (e.g. a stop right after a scheduled save)
+                shutil.rmtree(final)
+            os.replace(tmp, final)
+            _fsync_dir(root)
+    except OSError as e:
+        if accelerator.is_main_process:
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise CheckpointError(f"saving checkpoint-{step} failed ({e}); the partial folder was removed and "
+                              "earlier checkpoints are intact") from e
+    accelerator.wait_for_everyone()
+    return final
+
+
+def prune(root: Path, limit: int, keep: set[Path]) -> list[Path]:
+    """Remove the oldest complete checkpoints beyond `limit`, never one in `keep` (best, resumed-from)."""
+    if limit <= 0:
+        return []
+    keep = {p.resolve() for p in keep if p}
+    removed = [p for p in list_checkpoints(root)[limit:] if p.resolve() not in keep]
+    for path in removed:
+        shutil.rmtree(path)
+    for tmp in root.glob("checkpoint-*.tmp"):  # leftovers of saves killed mid-way
+        shutil.rmtree(tmp, ignore_errors=True)
+    return removed
+
+
+def export_model(unwrapped_model, processor, out_dir: Path) -> None:
+    """A standalone model folder: save_pretrained keeps tied weights loadable (DESIGN pitfall 10)."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    unwrapped_model.save_pretrained(out_dir, safe_serialization=True)
+    processor.save_pretrained(out_dir)
+
+
+def _write_synced(path: Path, text: str) -> None:
+    with open(path, "w", encoding="utf-8") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _fsync_tree(folder: Path) -> None:
+    for path in folder.rglob("*"):
+        if path.is_file():
+            with open(path, "rb") as f:
+                os.fsync(f.fileno())
+    _fsync_dir(folder)
+
+
+def _fsync_dir(folder: Path) -> None:
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def find_resumable(root: Path, say) -> Path | None:
+    """The newest checkpoint that is complete and readable; unreadable ones are reported and skipped.
+
+    Finding checkpoints but being able to read none stops the run: silently starting again from step 0
+    would overwrite a night of training.
+    """
+    candidates = [p for p in root.glob("checkpoint-*") if p.is_dir() and NAME.match(p.name)] if root.is_dir() else []
+    for path in sorted(candidates, key=step_of, reverse=True):
+        if not (path / COMPLETE).is_file():
+            say(f"skipping {path.name}: incomplete (its save was interrupted)")
+            continue
+        try:
+            read_state(path)
+            return path
+        except (OSError, ValueError, KeyError) as e:
+            say(f"skipping {path.name}: unreadable ({e})")
+    if candidates:
+        raise CheckpointError(f"{root} holds checkpoints but none is complete and readable; refusing to start "
+                              "over from step 0. Move them away (or set a new checkpoint_name) to start fresh.")
+    return None

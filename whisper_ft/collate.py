@@ -1,0 +1,32 @@
+"""Batch padding for Whisper: features stacked, labels padded with -100, start token stripped once."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from whisper_ft.data import Bad
+
+IGNORE_INDEX = -100  # positions the loss skips
+
+
+@dataclass
+class Collator:
+    decoder_start_token_id: int  # <|startoftranscript|>: the model prepends it when shifting labels right
+
+    def __call__(self, samples: list[dict[str, Any] | Bad]) -> dict[str, Any]:
+        good = [s for s in samples if not isinstance(s, Bad)]
+        batch: dict[str, Any] = {"bad": [s for s in samples if isinstance(s, Bad)], "ids": [s["id"] for s in good],
+                                 "seconds": float(sum(s["seconds"] for s in good))}
+        if not good:
+            return batch
+        batch["input_features"] = torch.from_numpy(np.stack([s["input_features"] for s in good]))
+        # The tokenizer put <|startoftranscript|> first; the model adds it again when it shifts labels right,
+        # so strip it here (DESIGN pitfall 2: the check is on decoder_start_token_id, not bos_token_id).
+        labels = [s["labels"][1:] if s["labels"][0] == self.decoder_start_token_id else s["labels"] for s in good]
+        width = max(len(x) for x in labels)
+        batch["labels"] = torch.tensor([x + [IGNORE_INDEX] * (width - len(x)) for x in labels], dtype=torch.long)
+        return batch

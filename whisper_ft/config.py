@@ -1,0 +1,287 @@
+"""Every setting of a run: one dataclass, its defaults, YAML < command line, derived defaults.
+
+All problems found in a config are collected and raised together as one ConfigError, so a user
+fixes their file in one go instead of one traceback at a time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import difflib
+import os
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+MAX_TARGET_POSITIONS = 448  # Whisper's decoder length, prefix tokens included (DESIGN pitfall 1)
+METRICS = ("wer", "cer", "wer_ortho", "loss")  # what metric_for_best_model may name
+
+
+class ConfigError(Exception):
+    """One or more problems with the configuration; str() lists each on its own line."""
+
+    def __init__(self, problems: list[str]):
+        self.problems = problems
+        super().__init__("\n".join(f"  - {p}" for p in problems))
+
+
+@dataclass
+class Config:
+    # --- what to fine-tune -------------------------------------------------------------------
+    lang: str = "as"  # language of the speech: ISO 639-1/2/3 code, Whisper name or Common Voice locale
+    task: str = "transcribe"  # transcribe (speech -> same-language text) or translate (-> English)
+    model_name: str = "whisper-small"  # Whisper size; names the run and derives whisper_pretrained
+    whisper_pretrained: str = ""  # Hub id or local folder of the starting model; default openai/<model_name>
+    model_cache: str = ""  # where Hub models are cached; empty = the Hugging Face default cache
+    # --- data --------------------------------------------------------------------------------
+    dataset_name: str = "google/fleurs"  # Hub dataset id, Common Voice release folder, or CSV/TSV/JSONL manifest
+    dataset_config: str = ""  # Hub dataset config (subset); empty = derived from lang for known datasets
+    dataset_revision: str = ""  # Hub dataset revision; FLEURS needs refs/convert/parquet (script-free copy)
+    dataset_cache: str = ""  # where Hub datasets are cached; empty = the Hugging Face default cache
+    train_split: str = "train"  # split(s) to train on; "train+dev" joins splits
+    eval_split: str = "validation"  # split(s) to evaluate on ("dev" and "validation" are synonyms)
+    text_column: str = ""  # transcript column; empty = first of sentence/text/transcription/raw_transcription
+    audio_column: str = ""  # audio column; empty = first of audio/path/file
+    streaming: bool = False  # stream a Hub dataset instead of downloading it whole
+    max_train_samples: int = 0  # use at most this many training samples (0 = all); for quick trials
+    max_eval_samples: int = 0  # evaluate on at most this many samples (0 = all)
+    max_bad_sample_fraction: float = 0.05  # stop when more than this share of samples seen is unusable
+    # --- output ------------------------------------------------------------------------------
+    checkpoint_name: str = ""  # run name; default <model_name>-<lang>
+    checkpoint_dir: str = ""  # where checkpoints, logs and the final model go; default ./checkpoints/<checkpoint_name>
+    # --- optimisation ------------------------------------------------------------------------
+    per_device_train_batch_size: int = 16  # samples per GPU per micro-batch
+    gradient_accumulation_steps: int = 1  # micro-batches per optimizer step
+    learning_rate: float = 1e-5  # peak learning rate, reached after warmup_steps
+    lr_scheduler_type: str = "linear"  # linear (warmup then decay to 0), constant_with_warmup, cosine
+    warmup_steps: int = 500  # optimizer steps of linear warmup from 0
+    max_steps: int = 4000  # optimizer steps to train in total
+    weight_decay: float = 0.0  # AdamW decay, never applied to biases and LayerNorm
+    max_grad_norm: float = 1.0  # clip gradients to this norm (0 = no clipping)
+    seed: int = 42  # seeds data order, dropout and initialisation
+    gradient_checkpointing: bool = True  # recompute activations in backward: less memory, ~30% slower
+    fp16: bool = True  # float16 mixed precision (ignored with a warning where there is no CUDA)
+    bf16: bool = False  # bfloat16 mixed precision (Ampere or newer); not together with fp16
+    dataloader_num_workers: int = 2  # processes decoding audio and computing log-mel features
+    max_nonfinite_steps: int = 10  # stop after this many optimizer steps in a row with NaN/inf loss
+    # --- evaluation --------------------------------------------------------------------------
+    eval_strategy: str = "steps"  # steps (every eval_steps) or no
+    eval_steps: int = 1000  # evaluate every this many optimizer steps
+    eval_at_start: bool = True  # evaluate the base model at step 0, so the improvement is known
+    per_device_eval_batch_size: int = 8  # samples per GPU per generate() call
+    predict_with_generate: bool = True  # WER/CER from generate(); off = eval loss only
+    generation_max_length: int = 225  # max tokens of a prediction, prefix included (at most 448)
+    # --- checkpoints and logging -------------------------------------------------------------
+    save_steps: int = 1000  # save a checkpoint every this many optimizer steps
+    save_total_limit: int = 3  # keep at most this many checkpoints (the best is always kept; 0 = all)
+    logging_steps: int = 25  # log loss and lr every this many optimizer steps
+    report_to: str = "tensorboard"  # tensorboard or none
+    load_best_model_at_end: bool = True  # export the best checkpoint by metric_for_best_model, not the last
+    metric_for_best_model: str = "wer"  # wer, cer, wer_ortho or loss
+    greater_is_better: bool = False  # whether a larger metric_for_best_model is better
+    # --- Hub ---------------------------------------------------------------------------------
+    push_to_hub: bool = False  # upload the final model folder (and nothing else) at the end
+    hub_model_id: str = ""  # Hub repo to upload to; default <your user>/<checkpoint_name>
+    hub_private: bool = False  # create the Hub repo as private
+    hf_token: str = ""  # Hub token; default $HF_TOKEN or the `hf auth login` cache. Never logged or saved
+    gpu_device: str = ""  # GPU id(s) for plain `python train_loop.py`; use --gpu_ids with accelerate launch
+
+    def __repr__(self) -> str:  # the token must never reach a log line
+        return f"Config({', '.join(f'{k}={v!r}' for k, v in self.public_dict().items())})"
+
+    def public_dict(self) -> dict[str, Any]:
+        """Every setting except the Hub token: what is safe to log, save and compare on resume."""
+        return {k: v for k, v in dataclasses.asdict(self).items() if k != "hf_token"}
+
+
+# The original guide's short flags keep their meaning.
+SHORT_FLAGS = {"gpu_device": "-g", "lang": "-l", "dataset_name": "-dn", "dataset_cache": "-dc", "model_name": "-mn",
+               "model_cache": "-mc", "whisper_pretrained": "-wp", "checkpoint_name": "-ck", "checkpoint_dir": "-cd",
+               "max_steps": "-t"}
+CHOICES = {"task": ("transcribe", "translate"), "eval_strategy": ("steps", "no"),
+           "lr_scheduler_type": ("linear", "constant_with_warmup", "cosine"), "report_to": ("tensorboard", "none"),
+           "metric_for_best_model": METRICS}
+POSITIVE = ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps", "max_steps",
+            "eval_steps", "save_steps", "logging_steps", "generation_max_length", "max_nonfinite_steps")
+NON_NEGATIVE = ("warmup_steps", "weight_decay", "max_grad_norm", "max_train_samples", "max_eval_samples",
+                "save_total_limit", "dataloader_num_workers", "learning_rate")
+FIELD_TYPES = {f.name: f.type for f in fields(Config)}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description="Fine-tune Whisper. Settings come from --config and are overridden by flags.",
+                                argument_default=argparse.SUPPRESS, allow_abbrev=False)
+    p.add_argument("--config", default=None, help="YAML file with settings (see config.yaml)")
+    for f in fields(Config):
+        flags = [SHORT_FLAGS[f.name]] if f.name in SHORT_FLAGS else []
+        flags.append("--" + f.name.replace("_", "-"))
+        comment = _comments().get(f.name, "")
+        if f.type == "bool":
+            p.add_argument(*flags, dest=f.name, action=argparse.BooleanOptionalAction, help=comment)
+        else:
+            p.add_argument(*flags, dest=f.name, metavar=f.name.upper(), help=comment)
+    return p
+
+
+def load_config(argv: list[str] | None = None, env: dict[str, str] | None = None) -> Config:
+    """YAML file < command line < derived defaults; raises ConfigError listing every problem."""
+    env = os.environ if env is None else env
+    parser = build_parser()
+    args, unknown = parser.parse_known_args(argv)
+    problems = [_unknown_flag(u) for u in unknown if u.startswith("-")]
+    problems += [f"unexpected argument {u!r}" for u in unknown if not u.startswith("-")]
+    cli = {k: v for k, v in vars(args).items() if k != "config"}
+
+    values: dict[str, Any] = {}
+    if args.config is not None:
+        values, yaml_problems = _read_yaml(args.config)
+        problems += yaml_problems
+    values.update(cli)
+
+    cfg = Config()
+    for key, raw in values.items():
+        try:
+            setattr(cfg, key, _coerce(key, raw))
+        except ValueError as e:
+            problems.append(str(e))
+    _derive(cfg, env)
+    problems += validate(cfg)
+    if problems:
+        raise ConfigError(problems)
+    return cfg
+
+
+def _read_yaml(path: str) -> tuple[dict[str, Any], list[str]]:
+    if not Path(path).is_file():
+        return {}, [f"config file {path!r} does not exist"]
+    try:
+        data = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as e:
+        return {}, [f"{path} is not valid YAML: {e}"]
+    if not isinstance(data, dict):
+        return {}, [f"{path} must hold a mapping of setting: value, not {type(data).__name__}"]
+    problems = [_unknown_key(k, path) for k in data if k not in FIELD_TYPES]
+    return {k: v for k, v in data.items() if k in FIELD_TYPES}, problems
+
+
+def _coerce(key: str, raw: Any) -> Any:
+    """Convert a YAML or command-line value to the field's type, or raise a ValueError naming the key."""
+    kind = FIELD_TYPES[key]
+    if raw is None:
+        return getattr(Config(), key) if kind != "str" else ""
+    if kind == "bool":
+        if isinstance(raw, bool):
+            return raw
+        if isinstance(raw, str) and raw.lower() in ("true", "yes", "1", "false", "no", "0"):
+            return raw.lower() in ("true", "yes", "1")
+        raise ValueError(f"{key} must be true or false, not {raw!r}")
+    if kind == "int":
+        if isinstance(raw, bool) or (isinstance(raw, float) and not raw.is_integer()):
+            raise ValueError(f"{key} must be a whole number, not {raw!r}")
+        try:
+            return int(raw) if not isinstance(raw, str) else int(raw.strip())
+        except ValueError:
+            raise ValueError(f"{key} must be a whole number, not {raw!r}") from None
+    if kind == "float":
+        if isinstance(raw, bool):
+            raise ValueError(f"{key} must be a number, not {raw!r}")
+        try:  # YAML 1.1 reads 1e-5 (no dot) as a string: accept it
+            return float(raw)
+        except (TypeError, ValueError):
+            raise ValueError(f"{key} must be a number, not {raw!r}") from None
+    if isinstance(raw, (dict, list)):
+        raise ValueError(f"{key} must be a single value, not {type(raw).__name__}")
+    return str(raw)
+
+
+def _derive(cfg: Config, env: dict[str, str]) -> None:
+    if not cfg.whisper_pretrained:
+        cfg.whisper_pretrained = f"openai/{cfg.model_name}"
+    if not cfg.checkpoint_name:
+        cfg.checkpoint_name = f"{cfg.model_name}-{cfg.lang}"
+    if not cfg.checkpoint_dir:
+        cfg.checkpoint_dir = str(Path("checkpoints") / cfg.checkpoint_name)
+    if not cfg.hf_token:
+        cfg.hf_token = env.get("HF_TOKEN", "") or _cached_token()
+
+
+def _cached_token() -> str:
+    try:
+        from huggingface_hub import get_token
+        return get_token() or ""
+    except Exception:  # an unreadable token cache must not stop an offline run
+        return ""
+
+
+def validate(cfg: Config) -> list[str]:
+    from whisper_ft.languages import LanguageError, resolve
+
+    problems = []
+    for key, options in CHOICES.items():
+        if getattr(cfg, key) not in options:
+            problems.append(f"{key} is {getattr(cfg, key)!r}; choose one of: {', '.join(options)}")
+    problems += [f"{k} must be at least 1, not {getattr(cfg, k)}" for k in POSITIVE if getattr(cfg, k) < 1]
+    problems += [f"{k} must not be negative, not {getattr(cfg, k)}" for k in NON_NEGATIVE if getattr(cfg, k) < 0]
+    if not 0 <= cfg.max_bad_sample_fraction <= 1:
+        problems.append(f"max_bad_sample_fraction must be between 0 and 1, not {cfg.max_bad_sample_fraction}")
+    if cfg.fp16 and cfg.bf16:
+        problems.append("fp16 and bf16 are both on; choose one (e.g. --no-fp16 --bf16)")
+    if cfg.generation_max_length > MAX_TARGET_POSITIONS:
+        problems.append(f"generation_max_length {cfg.generation_max_length} exceeds Whisper's {MAX_TARGET_POSITIONS}-token decoder")
+    if cfg.load_best_model_at_end and cfg.eval_strategy == "no":
+        problems.append("load_best_model_at_end needs evaluations: set eval_strategy: steps or load_best_model_at_end: false")
+    if cfg.metric_for_best_model != "loss" and not cfg.predict_with_generate and cfg.eval_strategy != "no":
+        problems.append(f"metric_for_best_model {cfg.metric_for_best_model} needs predict_with_generate: true (or use loss)")
+    if cfg.push_to_hub and not cfg.hf_token:
+        problems.append("push_to_hub needs a Hub token: set HF_TOKEN, run `hf auth login`, or set hf_token")
+    try:
+        lang = resolve(cfg.lang)
+        if cfg.task == "translate" and lang.code == "en":
+            problems.append("task translate turns speech into English; with lang en use task transcribe")
+        if cfg.model_name.endswith(".en") and lang.code != "en":
+            problems.append(f"{cfg.model_name} is English-only; it cannot learn {lang.name}. Use a multilingual size "
+                            f"(e.g. {cfg.model_name[:-3]}) or lang en")
+    except LanguageError as e:
+        problems.append(str(e))
+    return problems
+
+
+def _unknown_key(key: str, where: str) -> str:
+    close = difflib.get_close_matches(str(key), FIELD_TYPES, n=1)
+    hint = f"; did you mean {close[0]!r}?" if close else ""
+    return f"unknown setting {key!r} in {where}{hint}"
+
+
+def _unknown_flag(flag: str) -> str:
+    name = flag.split("=", 1)[0]
+    options = ["--" + k.replace("_", "-") for k in FIELD_TYPES] + ["--config"]
+    close = difflib.get_close_matches(name, options, n=1)
+    hint = f"; did you mean {close[0]}?" if close else ""
+    return f"unknown option {name}{hint}"
+
+
+def _comments() -> dict[str, str]:
+    """The one-line comment beside each field in this file: the single source for --help and the README."""
+    import inspect
+    import re
+
+    out = {}
+    for line in inspect.getsource(Config).splitlines():
+        m = re.match(r"\s+(\w+): \w+ = .*?  # (.*)$", line)
+        if m:
+            out[m.group(1)] = m.group(2)
+    return out
+
+
+def field_docs() -> list[tuple[str, Any, str]]:
+    """(name, default, comment) for every setting, in declaration order."""
+    comments = _comments()
+    return [(f.name, f.default, comments.get(f.name, "")) for f in fields(Config)]
+
+
+def dump_yaml(cfg: Config) -> str:
+    """The resolved config without the token, as saved beside checkpoints."""
+    return yaml.safe_dump(cfg.public_dict(), sort_keys=False, allow_unicode=True)
