@@ -155,7 +155,8 @@ def train(cfg: Config) -> int:
         do_eval(state["step"])
     model.train()
     bar = tqdm(total=cfg.max_steps, initial=state["step"], disable=not accelerator.is_main_process,
-               desc="training", dynamic_ncols=True)
+               desc="training", dynamic_ncols=True,
+               mininterval=1 if sys.stderr.isatty() else 60)  # a log file gets a line a minute, not a flood
     window = run.Window()
     while state["step"] < cfg.max_steps:
         step = state["step"]

@@ -131,8 +131,9 @@ def load_config(argv: list[str] | None = None, env: dict[str, str] | None = None
     env = os.environ if env is None else env
     parser = build_parser()
     args, unknown = parser.parse_known_args(argv)
-    problems = [_unknown_flag(u) for u in unknown if u.startswith("-")]
-    problems += [f"unexpected argument {u!r}" for u in unknown if not u.startswith("-")]
+    problems = [_unknown_flag(u) if u.startswith("-") else f"unexpected argument {u!r}"
+                for i, u in enumerate(unknown)
+                if u.startswith("-") or i == 0 or not unknown[i - 1].startswith("-")]  # skip an unknown flag's value
     cli = {k: v for k, v in vars(args).items() if k != "config"}
 
     values: dict[str, Any] = {}
@@ -192,6 +193,8 @@ def _coerce(key: str, raw: Any) -> Any:
             return float(raw)
         except (TypeError, ValueError):
             raise ValueError(f"{key} must be a number, not {raw!r}") from None
+    if isinstance(raw, bool):  # YAML 1.1 reads `no` (eval_strategy: no, lang: no for Norwegian) as false
+        return "no" if raw is False else "yes"
     if isinstance(raw, (dict, list)):
         raise ValueError(f"{key} must be a single value, not {type(raw).__name__}")
     return str(raw)

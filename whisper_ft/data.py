@@ -92,6 +92,10 @@ def load_records(dataset_name: str, split: str, *, lang=None, text_column: str =
         return [r for s in split.split("+") for r in _common_voice(path / lang.cv_locale, s.strip())]
     if path.is_file() or path.suffix.lower() in (".csv", ".tsv", ".jsonl", ".json"):
         return _manifest(path, split, text_column, audio_column)
+    if path.is_dir() and any(path.glob("**/*.parquet")):  # a local copy of a Hub dataset
+        from whisper_ft.hub_data import hub_records
+        return hub_records(str(path), split, lang=lang, text_column=text_column, audio_column=audio_column,
+                           config=dataset_config, revision="", cache_dir=cache_dir, token="", streaming=streaming)
     if path.exists():
         raise DataError(f"{dataset_name} is a folder but not a Common Voice release (no clips/ folder in it"
                         f"{' or in ' + lang.cv_locale + '/' if lang else ''})")

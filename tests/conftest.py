@@ -1,0 +1,65 @@
+"""Shared fixtures: a tiny Whisper built offline, the committed corpus, and a runner for train_loop.py."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parent.parent
+DATA = ROOT / "tests" / "data"
+CV_EN = DATA / "cv-en"
+CV_AS = DATA / "cv-as"
+BAD = DATA / "bad"
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # no test may reach the Hub
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory) -> Path:
+    """A multilingual tiny Whisper whose BPE knows the English and Assamese corpus sentences."""
+    from whisper_ft import tiny
+
+    out = tmp_path_factory.mktemp("tiny") / "model"
+    texts = tiny.texts_from_tsv(CV_EN / "validated.tsv") + tiny.texts_from_tsv(CV_AS / "train.tsv")
+    return tiny.build(out, texts)
+
+
+@pytest.fixture(scope="session")
+def tiny_model_en(tmp_path_factory) -> Path:
+    """An English-only tiny Whisper (no language tokens), like the *.en checkpoints."""
+    from whisper_ft import tiny
+
+    return tiny.build(tmp_path_factory.mktemp("tiny_en") / "model", tiny.texts_from_tsv(CV_EN / "validated.tsv"),
+                      multilingual=False)
+
+
+def base_config(model: Path, out: Path, **overrides) -> dict:
+    """A fast CPU config on the committed English clips."""
+    cfg = {"lang": "en", "whisper_pretrained": str(model), "checkpoint_dir": str(out), "dataset_name": str(CV_EN),
+           "train_split": "train", "eval_split": "dev", "per_device_train_batch_size": 4,
+           "per_device_eval_batch_size": 8, "learning_rate": 2e-3, "warmup_steps": 2, "max_steps": 6,
+           "eval_steps": 3, "save_steps": 3, "logging_steps": 1, "gradient_checkpointing": False, "fp16": False,
+           "dataloader_num_workers": 0, "report_to": "none", "eval_at_start": False, "predict_with_generate": False,
+           "metric_for_best_model": "loss"}
+    cfg.update(overrides)
+    return cfg
+
+
+def run_train(cfg: dict, tmp: Path, *args: str, launcher: list[str] | None = None, env: dict | None = None,
+              timeout: int = 600) -> subprocess.CompletedProcess:
+    path = tmp / f"config-{abs(hash(json.dumps(cfg, sort_keys=True))) % 10**8}.yaml"
+    path.write_text(yaml.safe_dump(cfg), encoding="utf-8")
+    cmd = (launcher or [sys.executable]) + [str(ROOT / "train_loop.py"), "--config", str(path), *args]
+    full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+    return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout, env=full_env)
+
+
+def metrics(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (Path(out) / "metrics.jsonl").read_text().splitlines() if line.strip()]
