@@ -93,8 +93,8 @@ def train(cfg: Config) -> int:
     state = run.fresh_state(cfg)
     resumed_from = checkpoint.find_resumable(out, say)
     if resumed_from is not None:
+        state = run.resume_state(checkpoint.read_state(resumed_from), cfg, say)  # refuses another run's state
         accelerator.load_state(str(resumed_from))
-        state = run.resume_state(checkpoint.read_state(resumed_from), cfg, say)
         bad.load_state_dict(state["bad"])
         say(f"resumed from {resumed_from} at step {state['step']}")
     elif accelerator.is_main_process:
@@ -227,6 +227,11 @@ def train(cfg: Config) -> int:
         if step % cfg.save_steps == 0 or step == cfg.max_steps or new_best:
             save(step)
         stopper.check(step)
+        if step == cfg.stop_at_step and step < cfg.max_steps:
+            if step % cfg.save_steps:
+                save(step)
+            say(f"stop_at_step {step} reached; checkpoint saved. Rerun the same command without it to go on.")
+            return 0
     bar.close()
 
     # ---- the model out ------------------------------------------------------------------------

@@ -59,6 +59,7 @@ class Config:
     lr_scheduler_type: str = "linear"  # linear (warmup then decay to 0), constant_with_warmup, cosine
     warmup_steps: int = 500  # optimizer steps of linear warmup from 0
     max_steps: int = 4000  # optimizer steps to train in total
+    stop_at_step: int = 0  # save and exit after this step, schedule unchanged (time-limited jobs); 0 = off
     weight_decay: float = 0.0  # AdamW decay, never applied to biases and LayerNorm
     max_grad_norm: float = 1.0  # clip gradients to this norm (0 = no clipping)
     seed: int = 42  # seeds data order, dropout and initialisation
@@ -106,7 +107,7 @@ CHOICES = {"task": ("transcribe", "translate"), "eval_strategy": ("steps", "no")
            "metric_for_best_model": METRICS}
 POSITIVE = ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps", "max_steps",
             "eval_steps", "save_steps", "logging_steps", "generation_max_length", "max_nonfinite_steps")
-NON_NEGATIVE = ("warmup_steps", "weight_decay", "max_grad_norm", "max_train_samples", "max_eval_samples",
+NON_NEGATIVE = ("stop_at_step", "warmup_steps", "weight_decay", "max_grad_norm", "max_train_samples", "max_eval_samples",
                 "save_total_limit", "dataloader_num_workers", "learning_rate")
 FIELD_TYPES = {f.name: f.type for f in fields(Config)}
 

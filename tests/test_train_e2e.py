@@ -1,0 +1,111 @@
+"""The real entry point, end to end: resume exactness, two processes, the exported model, learning."""
+
+import shutil
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import CV_EN, base_config, metrics, run_train
+
+
+def train_rows(out):
+    return [(r["step"], r["loss"], r["lr"]) for r in metrics(out) if "loss" in r]
+
+
+def test_resume_is_step_exact_with_accumulation(tiny_model, tmp_path):
+    """6 steps straight == 2 + resume + 2 + resume + 2: same losses, LRs and final weights, bit for bit."""
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    cfg = dict(gradient_accumulation_steps=2, save_steps=2, eval_steps=2, max_steps=6, save_total_limit=0)
+    proc = run_train(base_config(tiny_model, straight, **cfg), tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    for stop_at in (2, 4, 6):
+        proc = run_train(base_config(tiny_model, resumed, **cfg), tmp_path, "--stop-at-step", str(stop_at))
+        assert proc.returncode == 0, proc.stderr
+    assert "resumed from" in proc.stderr and "stop_at_step 4 -> 6" in proc.stderr
+    assert train_rows(straight) == train_rows(resumed)
+    assert len(train_rows(straight)) == 6
+    a = load_file(straight / "checkpoint-6" / "model.safetensors")
+    b = load_file(resumed / "checkpoint-6" / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_changed_model_on_resume_is_refused(tiny_model, tiny_model_en, tmp_path):
+    out = tmp_path / "run"
+    assert run_train(base_config(tiny_model, out, max_steps=3), tmp_path).returncode == 0
+    proc = run_train(base_config(tiny_model_en, out, max_steps=6), tmp_path)
+    assert proc.returncode == 2
+    assert "belong to a different run: whisper_pretrained was" in proc.stderr and "new checkpoint_name" in proc.stderr
+
+
+def test_two_processes_count_each_eval_sample_once_and_share_the_schedule(tiny_model, tmp_path):
+    """torchrun x2 on CPU: 7 eval samples split 4+3 are all counted once; LR per step equals 1 process."""
+    cfg = dict(max_steps=4, eval_steps=4, save_steps=4, predict_with_generate=True, max_eval_samples=7,
+               generation_max_length=12, per_device_train_batch_size=2, metric_for_best_model="wer")
+    two, one = tmp_path / "two", tmp_path / "one"
+    proc = run_train(base_config(tiny_model, two, **cfg), tmp_path,
+                     launcher=[sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                               "--master_port", "29533"], env={"ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    proc1 = run_train(base_config(tiny_model, one, **cfg, gradient_accumulation_steps=2), tmp_path)
+    assert proc1.returncode == 0, proc1.stderr[-3000:]
+    evals = [r for r in metrics(two) if "eval_wer" in r]
+    assert [r["eval_samples"] for r in evals] == [7]
+    assert [r[2] for r in train_rows(two)] == [r[2] for r in train_rows(one)]
+    # 2 processes x batch 2 see the same 4 samples per step as 1 process x batch 2 x accumulation 2
+    assert [r["epoch"] for r in metrics(two) if "loss" in r] == [r["epoch"] for r in metrics(one) if "loss" in r]
+
+
+def test_final_model_reloads_cleanly_with_language_and_task(tiny_model, tmp_path, caplog):
+    out = tmp_path / "run"
+    cfg = base_config(tiny_model, out, lang="as", dataset_name=str(CV_EN.parent / "cv-as"), max_steps=2,
+                      save_steps=2, eval_steps=2)
+    proc = run_train(cfg, tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    from transformers import WhisperForConditionalGeneration, WhisperProcessor, pipeline
+    from transformers.utils import logging
+
+    logging.enable_propagation()
+    with caplog.at_level("WARNING"):
+        model, info = WhisperForConditionalGeneration.from_pretrained(out, output_loading_info=True)
+    assert info["missing_keys"] in ([], set()) and info["unexpected_keys"] in ([], set())
+    assert "proj_out" not in caplog.text
+    assert model.generation_config.language == "as" and model.generation_config.task == "transcribe"
+    assert model.generation_config.forced_decoder_ids is None
+    processor = WhisperProcessor.from_pretrained(out)
+    assert processor.tokenizer.prefix_tokens[1] == processor.tokenizer.convert_tokens_to_ids("<|as|>")
+    asr = pipeline("automatic-speech-recognition", model=str(out))
+    import numpy as np
+    assert isinstance(asr({"raw": np.zeros(16000, np.float32), "sampling_rate": 16000}, generate_kwargs={"max_new_tokens": 5})["text"], str)
+    card = (out / "README.md").read_text()
+    assert "model-index" in card and "base_model:" in card
+    kept = sorted(p.name for p in out.iterdir())
+    assert "checkpoint-2" in kept and "metrics.jsonl" in kept
+
+
+def test_missing_dataset_is_one_clear_error(tiny_model, tmp_path):
+    proc = run_train(base_config(tiny_model, tmp_path / "x", dataset_name=str(tmp_path / "nope.csv")), tmp_path)
+    assert proc.returncode == 1
+    assert "manifest" in proc.stderr and "does not exist" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_training_lowers_loss_and_wer(tiny_model, tmp_path):
+    """A random-init tiny Whisper on the committed clips: loss falls 4x and WER falls from 100%.
+
+    The issue's target (WER under 30% in ~200 steps) is not reached by this recipe yet: the tiny model
+    learns the transcripts' language model first and only later to read the audio (see the issue note).
+    """
+    out = tmp_path / "learn"
+    cfg = base_config(tiny_model, out, per_device_train_batch_size=8, learning_rate=3e-3, warmup_steps=20,
+                      max_steps=150, eval_steps=150, save_steps=150, logging_steps=10, eval_at_start=True,
+                      predict_with_generate=True, generation_max_length=12, metric_for_best_model="wer",
+                      eval_split="train", max_eval_samples=16)
+    proc = run_train(cfg, tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    evals = [r for r in metrics(out) if "eval_wer" in r]
+    assert evals[0]["step"] == 0 and evals[0]["eval_wer"] >= 90
+    assert evals[-1]["step"] == 150 and evals[-1]["eval_wer"] < evals[0]["eval_wer"] - 10, evals
+    losses = [r["loss"] for r in metrics(out) if "loss" in r]
+    assert losses[-1] < losses[0] / 4
+    assert "wer: base model" in proc.stderr
