@@ -116,6 +116,7 @@ def train(cfg: Config) -> int:
     gen_kwargs = generate_kwargs(accelerator.unwrap_model(model), cfg.generation_max_length) \
         if cfg.predict_with_generate else None
     stopper = run.GracefulStop(accelerator)
+    shift_right = run.decoder_inputs(model.config if not hasattr(model, "module") else model.module.config)
 
     def do_eval(step: int) -> None:
         metrics, rows, eval_bad = evaluate(model, eval_loader, processor.tokenizer, accelerator,
@@ -177,7 +178,8 @@ def train(cfg: Config) -> int:
             with accelerator.accumulate(model):
                 features, labels = run.batch_or_placeholder(mb, model, accelerator.device)
                 with accelerator.autocast():
-                    logits = model(input_features=features, labels=labels).logits
+                    # decoder inputs, not labels: with labels Whisper would compute a mean loss we discard
+                    logits = model(input_features=features, decoder_input_ids=shift_right(labels)).logits
                 token_loss = token_loss_sum(logits, labels)
                 # backward divides by the accumulation steps and DDP averages over processes: undo both.
                 accelerator.backward(token_loss * world * micro_per_step / max(1, step_tokens))

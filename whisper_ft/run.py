@@ -116,6 +116,13 @@ def batch_or_placeholder(batch, model, device):
     return features, torch.full((1, 1), -100, dtype=torch.long, device=device)
 
 
+def decoder_inputs(config) -> Callable[[torch.Tensor], torch.Tensor]:
+    """labels -> decoder input ids: <|startoftranscript|> first, -100 padding turned into pad tokens."""
+    from transformers.models.whisper.modeling_whisper import shift_tokens_right
+
+    return lambda labels: shift_tokens_right(labels, config.pad_token_id, config.decoder_start_token_id)
+
+
 def fresh_state(cfg: Config) -> dict[str, Any]:
     return {"step": 0, "best_metric": None, "best_step": None, "samples_seen": 0, "audio_seconds_seen": 0.0,
             "nonfinite_in_row": 0, "nonfinite_steps": 0, "bad": BadCounter().state_dict(), "base_metrics": None,
