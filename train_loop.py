@@ -12,9 +12,7 @@ from __future__ import annotations
 
 import math
 import os
-import signal
 import sys
-import time
 from pathlib import Path
 
 from whisper_ft.config import Config, ConfigError, dump_yaml, load_config
@@ -100,6 +98,8 @@ def train(cfg: Config) -> int:
     elif accelerator.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
     if accelerator.is_main_process:
+        checkpoint.check_disk(out, sum(p.numel() for p in model.parameters()), cfg.save_total_limit, say)
+    if accelerator.is_main_process:
         (out / "config.yaml").write_text(dump_yaml(cfg), encoding="utf-8")
     accelerator.wait_for_everyone()
 
@@ -116,6 +116,7 @@ def train(cfg: Config) -> int:
     gen_kwargs = generate_kwargs(accelerator.unwrap_model(model), cfg.generation_max_length) \
         if cfg.predict_with_generate else None
     stopper = run.GracefulStop(accelerator)
+    nan_steps = run.injected_nan_steps()
     shift_right = run.decoder_inputs(model.config if not hasattr(model, "module") else model.module.config)
 
     def do_eval(step: int) -> None:
@@ -181,6 +182,8 @@ def train(cfg: Config) -> int:
                     # decoder inputs, not labels: with labels Whisper would compute a mean loss we discard
                     logits = model(input_features=features, decoder_input_ids=shift_right(labels)).logits
                 token_loss = token_loss_sum(logits, labels)
+                if step + 1 in nan_steps:
+                    token_loss = token_loss * float("nan")
                 # backward divides by the accumulation steps and DDP averages over processes: undo both.
                 accelerator.backward(token_loss * world * micro_per_step / max(1, step_tokens))
                 loss_sum += token_loss.detach()

@@ -131,3 +131,17 @@ def find_resumable(root: Path, say) -> Path | None:
         raise CheckpointError(f"{root} holds checkpoints but none is complete and readable; refusing to start "
                               "over from step 0. Move them away (or set a new checkpoint_name) to start fresh.")
     return None
+
+
+def check_disk(root: Path, n_params: int, save_total_limit: int, say) -> None:
+    """Warn before training when the disk cannot hold the checkpoints the run will keep."""
+    per_checkpoint = n_params * 4 * 3  # fp32 weights + AdamW's two moments
+    need = per_checkpoint * ((save_total_limit or 5) + 1) + n_params * 4  # + one being written, + the export
+    existing = root
+    while not existing.exists():
+        existing = existing.parent
+    free = shutil.disk_usage(existing).free
+    if free < need:
+        say(f"warning: {free / 1e9:.1f} GB free under {existing}, but about {need / 1e9:.1f} GB is needed for "
+            f"{save_total_limit or 'all'} checkpoints of {per_checkpoint / 1e9:.2f} GB plus the final model; "
+            "lower save_total_limit or free some space")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import signal
 import sys
 import time
@@ -121,6 +122,11 @@ def decoder_inputs(config) -> Callable[[torch.Tensor], torch.Tensor]:
     from transformers.models.whisper.modeling_whisper import shift_tokens_right
 
     return lambda labels: shift_tokens_right(labels, config.pad_token_id, config.decoder_start_token_id)
+
+
+def injected_nan_steps() -> set[int]:
+    """Optimizer steps (1-based) whose loss is made NaN: a fault-injection hook for the tests."""
+    return {int(s) for s in os.environ.get("WHISPER_FT_INJECT_NAN", "").split(",") if s.strip()}
 
 
 def fresh_state(cfg: Config) -> dict[str, Any]:

@@ -1,0 +1,95 @@
+"""Issue 4: signals, kills during saves, NaN losses, and a token that never leaks."""
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+
+import yaml
+
+from conftest import ROOT, base_config, metrics, run_train
+
+
+def start(cfg: dict, tmp_path, env=None) -> subprocess.Popen:
+    path = tmp_path / "live.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return subprocess.Popen([sys.executable, str(ROOT / "train_loop.py"), "--config", str(path)], cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})})
+
+
+def wait_for_step(out, step: int, proc: subprocess.Popen, timeout: float = 240) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        assert proc.poll() is None, proc.communicate()[1][-2000:]
+        path = out / "metrics.jsonl"
+        if path.exists() and any(json.loads(line).get("step", 0) >= step and "loss" in line
+                                 for line in path.read_text().splitlines() if line.strip()):
+            return
+        time.sleep(0.1)
+    raise AssertionError(f"step {step} not reached")
+
+
+def test_sigterm_saves_a_checkpoint_and_the_run_resumes(tiny_model, tmp_path):
+    out = tmp_path / "run"
+    cfg = base_config(tiny_model, out, max_steps=1000, save_steps=1000, eval_steps=1000)
+    proc = start(cfg, tmp_path)
+    wait_for_step(out, 2, proc)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 3, err[-2000:]
+    assert "got SIGTERM" in err and "checkpoint saved" in err and "Traceback" not in err
+    saved = sorted(int(p.name.split("-")[1]) for p in out.glob("checkpoint-*"))
+    assert len(saved) == 1 and saved[0] >= 2
+    resumed = run_train(cfg, tmp_path, "--stop-at-step", str(saved[0] + 1))
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert f"resumed from {out / f'checkpoint-{saved[0]}'}" in resumed.stderr
+    assert [r["step"] for r in metrics(out) if "loss" in r] == list(range(1, saved[0] + 2))
+
+
+def test_sigkill_at_random_moments_during_saves_leaves_a_resumable_run(tiny_model, tmp_path):
+    out = tmp_path / "run"
+    cfg = base_config(tiny_model, out, max_steps=1000, save_steps=1, eval_steps=1000, save_total_limit=2)
+    rng = random.Random(7)
+    for _ in range(3):
+        proc = start(cfg, tmp_path)
+        first = max([int(p.name.split("-")[1]) for p in out.glob("checkpoint-*") if p.name[11:].isdigit()] or [0])
+        wait_for_step(out, first + 1, proc)
+        time.sleep(rng.uniform(0.0, 0.5))  # saves happen every step: this lands in or near one
+        proc.kill()
+        proc.wait()
+    newest = max(int(p.name.split("-")[1]) for p in out.glob("checkpoint-*") if p.name[11:].isdigit())
+    proc = run_train(cfg, tmp_path, "--stop-at-step", str(newest + 1))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "resumed from" in proc.stderr
+    assert not list(out.glob("checkpoint-*.tmp"))
+
+
+def test_nan_losses_are_skipped_and_k_in_a_row_stop_the_run(tiny_model, tmp_path):
+    out = tmp_path / "run"
+    cfg = base_config(tiny_model, out, max_steps=12, save_steps=4, eval_steps=100, max_nonfinite_steps=3)
+    proc = run_train(cfg, tmp_path, env={"WHISPER_FT_INJECT_NAN": "2,6,7,8"})
+    assert proc.returncode == 1
+    assert "3 optimizer steps in a row had a NaN/inf loss" in proc.stderr and "Traceback" not in proc.stderr
+    rows = {r["step"]: r for r in metrics(out) if "loss" in r}
+    assert rows[1]["nonfinite_steps"] == 0 and rows[2]["nonfinite_steps"] == 1 and rows[5]["nonfinite_steps"] == 1
+    assert rows[3]["grad_norm"] is not None and rows[2]["grad_norm"] is None  # step 2 skipped, training went on
+    # the poisoned steps 6-8 were not saved: the newest checkpoint is the one before them
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-4"]
+
+
+def test_token_appears_in_no_output(tiny_model, tmp_path):
+    token = "hf_FAKEtoken1234567890abcdef"
+    out = tmp_path / "run"
+    cfg = base_config(tiny_model, out, max_steps=2, save_steps=2, eval_steps=2, hf_token=token,
+                      report_to="tensorboard")
+    proc = run_train(cfg, tmp_path, env={"HF_TOKEN": token + "ENV"})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert token not in proc.stdout + proc.stderr
+    files = [p for p in out.rglob("*") if p.is_file()]
+    assert any("events.out.tfevents" in p.name for p in files) and any(p.name == "config.yaml" for p in files)
+    leaked = [p for p in files if token.encode() in p.read_bytes()]
+    assert leaked == []
