@@ -51,7 +51,7 @@ def train(cfg: Config) -> int:
 
     from whisper_ft import checkpoint, run
     from whisper_ft.collate import IGNORE_INDEX, Collator
-    from whisper_ft.data import BadCounter, Prepare, RecordDataset, TrainBatches
+    from whisper_ft.data import BadCounter, Prepare
     from whisper_ft.evaluation import evaluate, token_loss_sum
     from whisper_ft.languages import resolve
     from whisper_ft.metrics_log import MetricsLog
@@ -99,25 +99,21 @@ def train(cfg: Config) -> int:
         out.mkdir(parents=True, exist_ok=True)
     if accelerator.is_main_process:
         checkpoint.check_disk(out, sum(p.numel() for p in model.parameters()), cfg.save_total_limit, say)
-    if accelerator.is_main_process:
         (out / "config.yaml").write_text(dump_yaml(cfg), encoding="utf-8")
     accelerator.wait_for_everyone()
 
     log = MetricsLog(out, accelerator.is_main_process, cfg.report_to == "tensorboard",
                      resume_step=state["step"] if resumed_from else None)
     micro_per_step = cfg.gradient_accumulation_steps
-    batches = iter(torch.utils.data.DataLoader(
-        RecordDataset(train_records, prepare), collate_fn=collate, num_workers=cfg.dataloader_num_workers,
-        batch_sampler=TrainBatches(len(train_records), cfg.per_device_train_batch_size, cfg.seed, rank, world,
-                                   start=state["step"] * micro_per_step),
-        generator=torch.Generator(),  # its own RNG: creating the loader must not shift dropout's (exact resume)
-        persistent_workers=cfg.dataloader_num_workers > 0))
+    batches = run.train_batches(train_records, prepare, collate, cfg, rank, world, start_step=state["step"])
+    if resumed_from is not None and hasattr(batches, "load_state_dict"):
+        batches.load_state_dict(checkpoint.read_process_state(resumed_from, rank))
     eval_loader = run.eval_loader(eval_records, prepare, collate, cfg, rank, world)
     gen_kwargs = generate_kwargs(accelerator.unwrap_model(model), cfg.generation_max_length) \
         if cfg.predict_with_generate else None
     stopper = run.GracefulStop(accelerator)
     nan_steps = run.injected_nan_steps()
-    shift_right = run.decoder_inputs(model.config if not hasattr(model, "module") else model.module.config)
+    shift_right = run.decoder_inputs(accelerator.unwrap_model(model).config)
 
     def do_eval(step: int) -> None:
         metrics, rows, eval_bad = evaluate(model, eval_loader, processor.tokenizer, accelerator,
@@ -133,17 +129,16 @@ def train(cfg: Config) -> int:
         log.text(step, "eval/samples", run.samples_table(rows[:8]))
         if step == 0:
             state["base_metrics"] = metrics
-        key = "eval_" + cfg.metric_for_best_model
-        value = metrics.get(key)
-        if step > 0 and value is not None and (state["best_metric"] is None or
-                                  (value > state["best_metric"]) == cfg.greater_is_better and value != state["best_metric"]):
+        value = metrics.get("eval_" + cfg.metric_for_best_model)
+        if step > 0 and run.improves(value, state["best_metric"], cfg.greater_is_better):  # step 0 is the base model
             state["best_metric"], state["best_step"] = value, step
         say(f"step {step}: " + ", ".join(f"{k[5:]} {v:.2f}" for k, v in metrics.items()
                                          if k in ("eval_wer", "eval_cer", "eval_wer_ortho", "eval_loss")))
 
     def save(step: int) -> None:
         state["bad"] = bad.state_dict()
-        path = checkpoint.save(accelerator, out, step, state)
+        path = checkpoint.save(accelerator, out, step, state,
+                               process_state=batches.state_dict() if hasattr(batches, "state_dict") else None)
         if accelerator.is_main_process:
             best = out / f"checkpoint-{state['best_step']}" if state["best_step"] is not None else None
             checkpoint.prune(out, cfg.save_total_limit, keep={best, resumed_from})
@@ -221,7 +216,7 @@ def train(cfg: Config) -> int:
         if step % cfg.logging_steps == 0 or step == cfg.max_steps:
             log.log(step, {"loss": window.mean_loss(), "lr": lr, "grad_norm": None if grad_norm is None else
                            float(grad_norm), "samples_per_second": window.samples_per_second(),
-                           "epoch": state["samples_seen"] / max(1, len(train_records)),
+                           "epoch": state["samples_seen"] / len(train_records) if isinstance(train_records, list) else None,
                            "bad_samples": bad.total, "nonfinite_steps": state["nonfinite_steps"]})
             window = run.Window()
         run.check_bad_fraction(bad, cfg, say, on_stop=lambda: save(step))

@@ -90,23 +90,50 @@ def test_missing_dataset_is_one_clear_error(tiny_model, tmp_path):
     assert "manifest" in proc.stderr and "does not exist" in proc.stderr and "Traceback" not in proc.stderr
 
 
-def test_training_lowers_loss_and_wer(tiny_model, tmp_path):
-    """A random-init tiny Whisper on the committed clips: train and eval loss fall 4x, WER falls below 100%.
-
-    The issue's target (WER under 30% in ~200 steps) is not reached by this recipe yet: the tiny model
-    learns the transcripts' language model first and only later to read the audio (see the issue note).
-    """
+def test_wer_falls_from_100_to_under_30(tiny_model, tmp_path):
+    """The demo's recipe: a random-init tiny Whisper learns to read the committed clips."""
     out = tmp_path / "learn"
-    cfg = base_config(tiny_model, out, per_device_train_batch_size=8, learning_rate=3e-3, warmup_steps=20,
+    cfg = base_config(tiny_model, out, per_device_train_batch_size=8, learning_rate=1e-3, warmup_steps=20,
                       max_steps=150, eval_steps=150, save_steps=150, logging_steps=10, eval_at_start=True,
-                      predict_with_generate=True, generation_max_length=12, metric_for_best_model="wer",
+                      predict_with_generate=True, generation_max_length=24, metric_for_best_model="wer",
                       eval_split="train", max_eval_samples=16)
     proc = run_train(cfg, tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     evals = [r for r in metrics(out) if "eval_wer" in r]
     assert evals[0]["step"] == 0 and evals[0]["eval_wer"] >= 90
-    assert evals[-1]["step"] == 150 and evals[-1]["eval_wer"] < evals[0]["eval_wer"], evals
-    assert evals[-1]["eval_loss"] < evals[0]["eval_loss"] / 4, evals
+    assert evals[-1]["step"] == 150 and evals[-1]["eval_wer"] < 30, evals
     losses = [r["loss"] for r in metrics(out) if "loss" in r]
     assert losses[-1] < losses[0] / 4
     assert "wer: base model" in proc.stderr
+
+
+def parquet_copy(folder):
+    """A local stand-in for a Hub dataset: the English clips as a parquet file with an Audio column."""
+    import datasets
+
+    from whisper_ft.data import load_records
+
+    for split, name in (("train", "train"), ("dev", "validation")):
+        recs = load_records(str(CV_EN), split)
+        ds = datasets.Dataset.from_dict({"audio": [{"bytes": open(r.path, "rb").read(), "path": r.id} for r in recs],
+                                         "sentence": [r.text for r in recs]}).cast_column("audio", datasets.Audio())
+        (folder / "data").mkdir(parents=True, exist_ok=True)
+        ds.to_parquet(str(folder / "data" / f"{name}-00000-of-00001.parquet"))
+    return folder
+
+
+def test_streaming_resume_is_step_exact_across_epochs(tiny_model, tmp_path):
+    """Streamed data: 8 steps straight == 4 + resume + 4, across an epoch boundary (25 rows, 3 per step)."""
+    data = parquet_copy(tmp_path / "pq")
+    cfg = dict(dataset_name=str(data), streaming=True, eval_split="validation", per_device_train_batch_size=3,
+               max_steps=12, save_steps=4, eval_steps=100, save_total_limit=0)
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    assert run_train(base_config(tiny_model, straight, **cfg), tmp_path).returncode == 0
+    for stop_at in (5, 12):
+        proc = run_train(base_config(tiny_model, resumed, **cfg), tmp_path, "--stop-at-step", str(stop_at))
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "resumed from" in proc.stderr
+    assert train_rows(straight) == train_rows(resumed) and len(train_rows(straight)) == 12
+    a = load_file(straight / "checkpoint-12" / "model.safetensors")
+    b = load_file(resumed / "checkpoint-12" / "model.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)

@@ -41,14 +41,19 @@ def read_state(path: Path) -> dict[str, Any]:
     return json.loads((path / STATE_FILE).read_text(encoding="utf-8"))
 
 
-def save(accelerator, root: Path, step: int, state: dict[str, Any]) -> Path:
-    """Write checkpoint-<step> crash-safely; every process must call this (each saves its RNG state)."""
+def save(accelerator, root: Path, step: int, state: dict[str, Any], process_state: dict | None = None) -> Path:
+    """Write checkpoint-<step> crash-safely; every process must call this (each saves its RNG state).
+
+    process_state is this process's own position (a streamed shard's), saved as process-<rank>.json.
+    """
     final, tmp = root / f"checkpoint-{step}", root / f"checkpoint-{step}.tmp"
     if accelerator.is_main_process and tmp.exists():
         shutil.rmtree(tmp)
     accelerator.wait_for_everyone()
     try:
         accelerator.save_state(str(tmp), safe_serialization=True)
+        if process_state is not None:
+            _write_synced(tmp / f"process-{accelerator.process_index}.json", json.dumps(process_state))
         if accelerator.is_main_process:
             (tmp / STATE_FILE).write_text(json.dumps(state, indent=1), encoding="utf-8")
             _fsync_tree(tmp)
@@ -66,6 +71,10 @@ def save(accelerator, root: Path, step: int, state: dict[str, Any]) -> Path:
                               "earlier checkpoints are intact") from e
     accelerator.wait_for_everyone()
     return final
+
+
+def read_process_state(path: Path, rank: int) -> dict[str, Any]:
+    return json.loads((path / f"process-{rank}.json").read_text(encoding="utf-8"))
 
 
 def prune(root: Path, limit: int, keep: set[Path]) -> list[Path]:

@@ -57,41 +57,102 @@ def param_groups(model, weight_decay: float) -> list[dict[str, Any]]:
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
-def load_data(cfg: Config, lang, prepare, say) -> tuple[Any, Any, list[Bad]]:
-    """Train and eval records, with samples whose transcript is unusable removed up front and returned."""
-    common = dict(lang=lang, text_column=cfg.text_column, audio_column=cfg.audio_column,
-                  dataset_config=cfg.dataset_config, revision=cfg.dataset_revision, cache_dir=cfg.dataset_cache,
-                  token=cfg.hf_token)
-    train = load_records(cfg.dataset_name, cfg.train_split, **common)
-    evals = load_records(cfg.dataset_name, cfg.eval_split, **common) if cfg.eval_strategy != "no" else []
-    train, skipped = _usable(train, prepare)
-    if cfg.max_train_samples:
-        train = train[: cfg.max_train_samples]
-    if not train:
-        raise DataError(f"no usable training sample in {cfg.dataset_name} split {cfg.train_split!r}"
-                        + (f" ({len(skipped)} skipped: {_reasons(skipped)})" if skipped else ""))
-    evals, eval_skipped = _usable(evals, prepare)
-    if cfg.max_eval_samples:
-        evals = evals[: cfg.max_eval_samples]
+def load_data(cfg: Config, lang, prepare, say) -> tuple[Any, list, list[Bad]]:
+    """Train and eval records, checked before training starts.
+
+    Training records with an unreadable table line, an unusable transcript or a known duration over
+    30 s stay in the training set: the loop counts them as bad when it draws them, so the bad share is
+    measured over the samples seen (counting them here as well would inflate it early in the run). They
+    are counted and named here; if they alone are more than max_bad_sample_fraction, or no sample is
+    usable, or none of the audio files exists, this is an error before training. Unusable evaluation
+    records are removed. A mixture (dataset_name a list, or a .yaml file listing sources) is joined
+    here, each source with its own splits, columns and weight. Returns (train, eval, []): train is a
+    list, or a HubStream when streaming a Hub dataset; eval is a list (a streamed eval split is read).
+    """
+    from collections import Counter
+    from itertools import islice
+    from pathlib import Path
+
+    from whisper_ft.data import mix, read_mixture
+
+    sources = read_mixture(cfg.dataset_name) or [{"name": cfg.dataset_name, "label": ""}]
+    if cfg.streaming and len(sources) > 1:
+        raise DataError("streaming: true works with one Hub dataset, not with a mixture; turn streaming off")
+    train_parts, eval_parts = [], []
+    for source in sources:
+        common = dict(lang=lang, text_column=source.get("text_column") or cfg.text_column,
+                      audio_column=source.get("audio_column") or cfg.audio_column,
+                      dataset_config=source.get("dataset_config") or cfg.dataset_config,
+                      revision=source.get("dataset_revision") or cfg.dataset_revision, cache_dir=cfg.dataset_cache,
+                      token=cfg.hf_token, streaming=cfg.streaming)
+        train_split = source.get("train_split") or cfg.train_split
+        train_parts.append((source["label"], load_records(source["name"], train_split, **common)))
+        eval_split = cfg.eval_split if source.get("eval_split") is None else source["eval_split"]
+        if cfg.eval_strategy != "no" and eval_split:
+            evals = load_records(source["name"], eval_split, **common)
+            if not isinstance(evals, list):  # streamed: read it (up to max_eval_samples) so it can be sharded
+                evals = list(islice(evals, cfg.max_eval_samples or None))
+            eval_parts.append((source["label"], evals))
+    if len(sources) == 1:
+        train, evals = train_parts[0][1], (eval_parts[0][1] if eval_parts else [])
+    else:
+        train, counts = mix(train_parts, [s.get("weight") for s in sources], cfg.seed)
+        say("mixture, samples per epoch: " + ", ".join(
+            f"{label} {c} ({len(records)} records{', weight ' + str(s['weight']) if s.get('weight') is not None else ''})"
+            for (label, records), c, s in zip(train_parts, counts, sources)))
+        evals = mix(eval_parts, [None] * len(eval_parts), cfg.seed)[0]
+    where = f"{cfg.dataset_name} split {cfg.train_split!r}" if len(sources) == 1 else "the mixture"
+
+    bad = []
+    if isinstance(train, list):
+        if cfg.max_train_samples:
+            train = train[: cfg.max_train_samples]
+        bad = _usable(train, prepare)[1]
+        if len(bad) == len(train):
+            raise DataError(f"no usable training sample in {where}" + (f" ({len(bad)} unusable: {_reasons(bad)}; "
+                            "first: " + "; ".join(f"{b.id} ({b.reason})" for b in bad[:3]) + ")" if bad else ""))
+        if len(train) >= 20 and len(bad) / len(train) > cfg.max_bad_sample_fraction:
+            reason, n = Counter(b.reason for b in bad).most_common(1)[0]
+            raise DataError(f"{len(bad)} of {len(train)} training samples in {where} are unusable "
+                            f"({100 * len(bad) / len(train):.0f}%, over max_bad_sample_fraction "
+                            f"{cfg.max_bad_sample_fraction}); commonest reason: {reason} ({n}); first: "
+                            + "; ".join(f"{b.id} ({b.reason}{', ' + b.detail if b.detail else ''})" for b in bad[:5]))
+        files = [r.path for r in train[:2000] if r.path and r.audio_bytes is None and r.fetch is None]
+        if files and not any(Path(f).is_file() for f in files):
+            raise DataError(f"none of the {len(files)} audio files checked in {where} exists (first: {files[0]}); "
+                            "paths in a manifest are relative to the manifest's folder")
+    elif cfg.max_train_samples:
+        train.ds = train.ds.take(cfg.max_train_samples)
+
+    keep, eval_bad = _usable(evals, prepare)
+    evals = [evals[i] for i in keep][: cfg.max_eval_samples or None]
     if cfg.eval_strategy != "no" and not evals:
-        raise DataError(f"no usable evaluation sample in {cfg.dataset_name} split {cfg.eval_split!r}")
-    say(f"data: {len(train)} training samples ({cfg.train_split}), {len(evals)} evaluation samples ({cfg.eval_split})")
-    for label, items in (("training", skipped), ("evaluation", eval_skipped)):
-        if items:
-            say(f"skipped {len(items)} {label} samples before starting: {_reasons(items)}; first: "
-                + "; ".join(f"{b.id} ({b.reason})" for b in items[:3]))
-    return train, evals, skipped
+        raise DataError(f"no usable evaluation sample in {cfg.dataset_name} split {cfg.eval_split!r}"
+                        + (f" ({len(eval_bad)} unusable: {_reasons(eval_bad)})" if eval_bad else ""))
+    size = len(train) if isinstance(train, list) else "streamed"
+    say(f"data: {size} training samples ({cfg.train_split}), {len(evals)} evaluation samples ({cfg.eval_split})")
+    if bad:
+        say(f"{len(bad)} training samples are unusable and will be skipped and counted when drawn: {_reasons(bad)}; "
+            "first: " + "; ".join(f"{b.id} ({b.reason})" for b in bad[:3]))
+    if eval_bad:
+        say(f"skipped {len(eval_bad)} evaluation samples before starting: {_reasons(eval_bad)}; first: "
+            + "; ".join(f"{b.id} ({b.reason})" for b in eval_bad[:3]))
+    train_ids = {r.id for r in train} if isinstance(train, list) else set()
+    if evals and all(r.id in train_ids for r in evals):
+        say(f"warning: all {len(evals)} evaluation samples are training samples too (a manifest without a "
+            "split column gives every split all its rows): the evaluation measures memorisation, not accuracy")
+    return train, evals, []
 
 
-def _usable(records, prepare) -> tuple[list, list[Bad]]:
-    """Drop empty and over-long transcripts by text alone, before any audio is decoded (pitfall 1)."""
+def _usable(records, prepare) -> tuple[list[int], list[Bad]]:
+    """Positions of the records usable as far as can be told without audio, and a Bad for each other one."""
     keep, bad = [], []
-    for record in records:
-        labels = prepare.labels(record.text)
-        if isinstance(labels, Bad):
-            bad.append(Bad(record.id, labels.reason, labels.detail))
+    for i, record in enumerate(records):
+        problem = prepare.screen(record)
+        if problem is None:
+            keep.append(i)
         else:
-            keep.append(record)
+            bad.append(problem)
     return keep, bad
 
 
@@ -106,6 +167,61 @@ def eval_loader(records, prepare, collate, cfg: Config, rank: int, world: int):
     return torch.utils.data.DataLoader(torch.utils.data.Subset(RecordDataset(records, prepare), mine),
                                        batch_size=cfg.per_device_eval_batch_size, collate_fn=collate,
                                        num_workers=cfg.dataloader_num_workers, shuffle=False)
+
+
+class StreamBatches:
+    """Collated batches from a streamed dataset, endless over epochs, with an exact position.
+
+    The stream is read in this process (no workers), so after each batch its state_dict() is exactly
+    the position to resume from: no replay, no skipped rows. This process's rows are its own shard.
+    """
+
+    def __init__(self, stream, prepare, collate, batch_size: int, rank: int, world: int):
+        self.stream = stream.shard(rank, world)
+        self.prepare, self.collate, self.batch_size = prepare, collate, batch_size
+        self.epoch, self._it, self._rows_this_epoch = 0, None, 0
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        samples = []
+        while len(samples) < self.batch_size:
+            if self._it is None:
+                self.stream.ds.set_epoch(self.epoch)
+                self._it = iter(self.stream)
+            try:
+                samples.append(self.prepare(next(self._it)))
+                self._rows_this_epoch += 1
+            except StopIteration:
+                if not self._rows_this_epoch:
+                    raise DataError("the streamed training split has no rows for this process") from None
+                self.epoch, self._it, self._rows_this_epoch = self.epoch + 1, None, 0
+        return self.collate(samples)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"epoch": self.epoch, "stream": self.stream.state_dict() if self._it is not None else None}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.epoch = state["epoch"]
+        if state["stream"] is not None:
+            self.stream.ds.set_epoch(self.epoch)
+            self.stream.load_state_dict(state["stream"])
+            self._it = iter(self.stream)
+
+
+def train_batches(records, prepare, collate, cfg: Config, rank: int, world: int, start_step: int):
+    """Endless training batches for this process, starting `start_step` optimizer steps in."""
+    from whisper_ft.data import TrainBatches
+
+    if not isinstance(records, list):  # a streamed Hub dataset: its position comes from the checkpoint
+        return StreamBatches(records, prepare, collate, cfg.per_device_train_batch_size, rank, world)
+    return iter(torch.utils.data.DataLoader(
+        RecordDataset(records, prepare), collate_fn=collate, num_workers=cfg.dataloader_num_workers,
+        batch_sampler=TrainBatches(len(records), cfg.per_device_train_batch_size, cfg.seed, rank, world,
+                                   start=start_step * cfg.gradient_accumulation_steps),
+        generator=torch.Generator(),  # its own RNG: creating the loader must not shift dropout's (exact resume)
+        persistent_workers=cfg.dataloader_num_workers > 0))
 
 
 def batch_or_placeholder(batch, model, device):
@@ -127,6 +243,12 @@ def decoder_inputs(config) -> Callable[[torch.Tensor], torch.Tensor]:
 def injected_nan_steps() -> set[int]:
     """Optimizer steps (1-based) whose loss is made NaN: a fault-injection hook for the tests."""
     return {int(s) for s in os.environ.get("WHISPER_FT_INJECT_NAN", "").split(",") if s.strip()}
+
+
+def improves(value: float | None, best: float | None, greater_is_better: bool) -> bool:
+    if value is None:
+        return False
+    return best is None or (value > best if greater_is_better else value < best)
 
 
 def fresh_state(cfg: Config) -> dict[str, Any]:

@@ -58,8 +58,13 @@ def _merges_of(bpe: Tokenizer) -> list:
 
 
 def build(out_dir: str | Path, texts: list[str], d_model: int = 64, layers: int = 2, seed: int = 0,
-          multilingual: bool = True) -> Path:
-    """Write a complete tiny Whisper checkpoint (model, processor, generation config) to out_dir."""
+          multilingual: bool = True, init_std: float = 0.2) -> Path:
+    """Write a complete tiny Whisper checkpoint (model, processor, generation config) to out_dir.
+
+    init_std 0.2, not Whisper's 0.02: at width 64 the small init leaves cross-attention near uniform
+    over 1500 mostly silent frames, and the model learns the transcripts' language model long before
+    it learns to read the audio (WER stuck near 80% after 300 steps; with 0.2 it is 0% after 100).
+    """
     import torch
 
     out_dir = Path(out_dir)
@@ -70,7 +75,7 @@ def build(out_dir: str | Path, texts: list[str], d_model: int = 64, layers: int 
         vocab_size=len(tok), num_mel_bins=80, d_model=d_model,
         encoder_layers=layers, decoder_layers=layers, encoder_attention_heads=4, decoder_attention_heads=4,
         encoder_ffn_dim=4 * d_model, decoder_ffn_dim=4 * d_model,
-        max_source_positions=1500, max_target_positions=448,
+        max_source_positions=1500, max_target_positions=448, init_std=init_std,
         pad_token_id=eot, bos_token_id=eot, eos_token_id=eot, decoder_start_token_id=sot,
     )
     torch.manual_seed(seed)
