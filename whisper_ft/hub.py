@@ -1,90 +1,280 @@
-"""Model card and Hub upload of the exported model folder only (never checkpoints or optimizer state)."""
+"""Model card and Hub upload of the exported model folder only (never checkpoints or optimizer state).
+
+write_model_card(out, cfg, lang, state) writes out/README.md: base model, language, data and splits,
+hyperparameters, steps and hours of audio, WER/CER of the base and of the fine-tuned model (read
+from metrics.jsonl, also as `model-index` metadata the Hub renders), framework versions, usage.
+push(folder, cfg) creates the repo (private when hub_private), uploads the allow-listed files in one
+commit, retries transient failures (network errors, HTTP 5xx/429) and returns the repo URL. The token
+is only ever handed to huggingface_hub: it is never printed, and it is masked in error messages.
+"""
 
 from __future__ import annotations
 
+import fnmatch
+import json
+import platform
+import re
 import time
 from pathlib import Path
 from typing import Any
 
 import yaml
 
+from whisper_ft.model import ModelError
+
 # What a model folder needs, and nothing of the training state beside it (DESIGN pitfall 12).
 ALLOW = ["config.json", "generation_config.json", "model.safetensors", "model-*.safetensors",
          "model.safetensors.index.json", "preprocessor_config.json", "processor_config.json", "tokenizer.json",
          "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json", "vocab.json", "merges.txt",
          "normalizer.json", "README.md"]
+LOGS = "runs"  # TensorBoard event files, uploaded only when asked: the Hub shows them as training metrics
+RETRY_WAIT_S = 2.0  # doubled after each failed attempt
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+class HubError(ModelError):
+    """The upload failed. A ModelError, so that train_loop reports it in one line with exit code 1."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Model card
 
 
 def write_model_card(out: Path, cfg, lang, state: dict[str, Any]) -> Path:
+    path = Path(out) / "README.md"
+    path.write_text(model_card(cfg, lang, state, read_evals(Path(out))), encoding="utf-8")
+    return path
+
+
+def read_evals(out: Path) -> list[dict[str, Any]]:
+    """The evaluation lines of metrics.jsonl (one per evaluation, by step)."""
+    path = out / "metrics.jsonl"
+    if not path.is_file():
+        return []
+    rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    return [r for r in rows if "eval_loss" in r or "eval_wer" in r]
+
+
+def exported_metrics(cfg, state: dict[str, Any], evals: list[dict[str, Any]]) -> dict[str, Any]:
+    """The evaluation of the model that was exported: the best step's when load_best_model_at_end, else the last."""
+    step = state.get("best_step") if cfg.load_best_model_at_end and state.get("best_step") is not None \
+        else state.get("step")
+    at_step = [r for r in evals if r.get("step") == step]
+    return at_step[-1] if at_step else {}
+
+
+def hub_id(ref: str) -> str | None:
+    """ref as a Hub model/dataset id, or None for a local path (the Hub rejects those in metadata)."""
+    if not ref or Path(ref).expanduser().exists():
+        return None
+    return ref if HUB_ID.match(ref) else None
+
+
+def base_model_id(ref: str) -> str | None:
+    """The Hub id of the base model, also for a local copy of one (a Hub cache snapshot or a saved config)."""
+    if hub_id(ref):
+        return ref
+    path = Path(ref).expanduser()
+    m = re.search(r"models--([^/]+)--([^/]+)/snapshots/", str(path.resolve()) + "/")
+    if m:
+        return f"{m.group(1)}/{m.group(2)}"
+    try:
+        origin = json.loads((path / "config.json").read_text(encoding="utf-8")).get("_name_or_path", "")
+    except (OSError, ValueError):
+        return None
+    return origin if isinstance(origin, str) and hub_id(origin) else None
+
+
+def _shown(ref: str) -> str:
+    """A Hub id as is; a local path by its last part only, so the card does not publish the machine's layout."""
+    return ref if hub_id(ref) else Path(ref.rstrip("/")).name or ref
+
+
+def model_card(cfg, lang, state: dict[str, Any], evals: list[dict[str, Any]]) -> str:
     import torch
     import transformers
 
-    base, best = state.get("base_metrics") or {}, state.get("best_metric")
-    final = {"wer": best} if cfg.metric_for_best_model == "wer" else {}
-    results = []
-    for name, value in (("wer", final.get("wer")), ):
-        if value is not None:
-            results.append({"task": {"type": "automatic-speech-recognition", "name": "Speech recognition"},
-                            "dataset": {"name": cfg.dataset_name, "type": cfg.dataset_name,
-                                        "config": cfg.dataset_config or None, "split": cfg.eval_split},
-                            "metrics": [{"type": "wer", "value": round(value, 2), "name": "WER"}]})
-    meta = {"language": [lang.code], "license": "apache-2.0", "base_model": cfg.whisper_pretrained,
+    base = state.get("base_metrics") or next((r for r in evals if r.get("step") == 0), {})
+    final = exported_metrics(cfg, state, evals)
+    base_id = base_model_id(cfg.whisper_pretrained)
+    dataset = hub_id(cfg.dataset_name)
+    data_name = _shown(cfg.dataset_name)
+    exported_step = final.get("step", state.get("step"))
+
+    def result(metrics: dict[str, Any]) -> list[dict[str, Any]]:
+        values = [{"type": kind, "value": round(metrics[key], 2), "name": name} for key, kind, name in
+                  (("eval_wer", "wer", "WER"), ("eval_cer", "cer", "CER"),
+                   ("eval_wer_ortho", "wer", "Orthographic WER")) if metrics.get(key) is not None]
+        if not values:
+            return []
+        return [{"task": {"type": "automatic-speech-recognition", "name": "Automatic Speech Recognition"},
+                 "dataset": {"name": data_name, "type": dataset or data_name,
+                             **({"config": cfg.dataset_config} if cfg.dataset_config else {}),
+                             "split": cfg.eval_split, "args": {"language": lang.code}},
+                 "metrics": values}]
+
+    # The first entry is this model (what the Hub shows and ranks); the base model's zero-shot numbers
+    # on the same data follow as a second, separately named entry so the two are never mixed up.
+    index = [{"name": cfg.checkpoint_name, "results": result(final)}]
+    if result(base):
+        index.append({"name": f"{_shown(cfg.whisper_pretrained)} (base model, before fine-tuning)",
+                      "results": result(base)})
+    meta = {"language": [lang.code], "license": "apache-2.0",
+            # A local starting folder stays readable in the local card; push() drops it from the uploaded one.
+            "base_model": base_id or cfg.whisper_pretrained,
             "library_name": "transformers", "pipeline_tag": "automatic-speech-recognition",
-            "tags": ["whisper", "whisper-ft"],
-            "model-index": [{"name": cfg.checkpoint_name, "results": results}]}
-    hours = state.get("audio_seconds_seen", 0.0) / 3600
+            "tags": ["whisper", "whisper-ft", "automatic-speech-recognition"],
+            **({"datasets": [dataset]} if dataset else {}),
+            "metrics": ["wer", "cer"], "model-index": index}
+    bad = (state.get("bad") or {}).get("counts") or {}
     fmt = lambda v: "n/a" if v is None else f"{v:.2f}"  # noqa: E731
-    text = f"""---
+    rows = "\n".join(f"| {name} | {fmt(base.get(key))} | {fmt(final.get(key))} |" for key, name in
+                     (("eval_wer", "WER, normalised (%)"), ("eval_cer", "CER, normalised (%)"),
+                      ("eval_wer_ortho", "WER, orthographic (%)"), ("eval_loss", "eval loss (per token)")))
+    model_id = cfg.hub_model_id or cfg.checkpoint_name
+    data = f"`{data_name}`" + (f" (config `{cfg.dataset_config}`)" if cfg.dataset_config else "")
+    samples = final.get("eval_samples", base.get("eval_samples", "n/a"))
+    skipped = f"{sum(bad.values())} unusable samples skipped" + (
+        ": " + ", ".join(f"{n} {r}" for r, n in bad.items()) if bad else "")
+    hours = _hours(state.get("audio_seconds_seen"))
+    precision = "fp16" if cfg.fp16 else "bf16" if cfg.bf16 else "fp32"
+    return f"""---
 {yaml.safe_dump(meta, sort_keys=False, allow_unicode=True).strip()}
 ---
 
 # {cfg.checkpoint_name}
 
-{cfg.whisper_pretrained} fine-tuned to {cfg.task} {lang.name.title()} speech with whisper-ft.
+`{_shown(cfg.whisper_pretrained)}` fine-tuned to {cfg.task} {lang.name.title()} speech with whisper-ft.
 
-| | base model | fine-tuned |
+## Results
+
+| metric | base model (step 0) | this model (step {exported_step}) |
 |---|---|---|
-| WER (normalised, %) | {fmt(base.get('eval_wer'))} | {fmt(best if cfg.metric_for_best_model == 'wer' else None)} |
-| CER (%) | {fmt(base.get('eval_cer'))} | |
-| orthographic WER (%) | {fmt(base.get('eval_wer_ortho'))} | |
+{rows}
 
-Evaluated on `{cfg.dataset_name}` split `{cfg.eval_split}`; trained on split `{cfg.train_split}`.
+Both evaluated by generation on {data} split `{cfg.eval_split}` ({samples} samples). Normalised: lowercase,
+without punctuation and symbols, combining marks kept; orthographic: the raw text.
 
 ## Training
 
-- steps: {state.get('step')} optimizer steps, {state.get('samples_seen')} samples, {hours:.2f} hours of audio
-- learning rate {cfg.learning_rate} ({cfg.lr_scheduler_type}, {cfg.warmup_steps} warmup steps),
-  batch {cfg.per_device_train_batch_size} x {cfg.gradient_accumulation_steps} accumulation per device
-- precision: {'fp16' if cfg.fp16 else 'bf16' if cfg.bf16 else 'fp32'}; seed {cfg.seed}
-- transformers {transformers.__version__}, torch {torch.__version__}
+- data: {data}; trained on split `{cfg.train_split}`, evaluated on `{cfg.eval_split}`
+- {state.get('step')} optimizer steps, {state.get('samples_seen')} samples, {hours} of audio
+- {skipped}
+- learning rate {cfg.learning_rate} ({cfg.lr_scheduler_type}, {cfg.warmup_steps} warmup steps)
+- batch {cfg.per_device_train_batch_size} per device x {cfg.gradient_accumulation_steps} accumulation steps
+- weight decay {cfg.weight_decay}, gradient clipping {cfg.max_grad_norm}, seed {cfg.seed}
+- precision {precision}, gradient checkpointing {'on' if cfg.gradient_checkpointing else 'off'}
+- exported: {'the best' if cfg.load_best_model_at_end else 'the last'} model by {cfg.metric_for_best_model}
+
+Framework versions: {versions(transformers.__version__, torch.__version__)}
 
 ## Use
 
 ```python
 from transformers import pipeline
-asr = pipeline("automatic-speech-recognition", model="{cfg.hub_model_id or cfg.checkpoint_name}")
-print(asr("audio.mp3")["text"])
+asr = pipeline("automatic-speech-recognition", model="{model_id}")
+print(asr("audio.mp3", return_timestamps=True)["text"])  # timestamps let it read audio over 30 s
 ```
+
+With whisper-ft: `python -m whisper_ft.transcribe --model {model_id} recording.mp3 --format srt`
+(long files whole, with segment times); for faster-whisper:
+`python -m whisper_ft.export --model {model_id} --quantization int8_float16`.
 """
-    path = out / "README.md"
-    path.write_text(text, encoding="utf-8")
-    return path
 
 
-def push(folder: Path, cfg, attempts: int = 3) -> str:
-    """Create the repo and upload the allow-listed files; retries transient failures."""
-    from huggingface_hub import HfApi
+def _hours(seconds) -> str:
+    seconds = float(seconds or 0.0)
+    return f"{seconds / 3600:.2f} hours" if seconds >= 360 else f"{seconds / 60:.1f} minutes"
 
-    api = HfApi(token=cfg.hf_token)
-    repo_id = cfg.hub_model_id or f"{api.whoami()['name']}/{cfg.checkpoint_name}"
-    for attempt in range(1, attempts + 1):
+
+def versions(transformers_version: str, torch_version: str) -> str:
+    parts = [f"transformers {transformers_version}", f"torch {torch_version}"]
+    for name in ("accelerate", "datasets", "huggingface_hub", "tokenizers"):
         try:
-            api.create_repo(repo_id, private=cfg.hub_private, exist_ok=True)
-            api.upload_folder(repo_id=repo_id, folder_path=str(folder), allow_patterns=ALLOW,
-                              commit_message=f"whisper-ft: {cfg.checkpoint_name} step {cfg.max_steps}")
-            return f"{api.endpoint}/{repo_id}"
-        except Exception:
-            if attempt == attempts:
-                raise
-            time.sleep(2 ** attempt)
-    raise AssertionError("unreachable")
+            parts.append(f"{name} {__import__(name).__version__}")
+        except Exception:  # an optional package missing must not stop the card
+            continue
+    return ", ".join(parts) + f", Python {platform.python_version()}"
+
+
+# ---------------------------------------------------------------------------------------------
+# Upload
+
+
+def upload_list(folder: Path, logs: bool = False) -> list[Path]:
+    """The allow-listed files at the top of the model folder (and TensorBoard logs if asked), nothing else."""
+    files = [p for p in sorted(folder.iterdir()) if p.is_file() and any(fnmatch.fnmatch(p.name, a) for a in ALLOW)]
+    if logs and (folder / LOGS).is_dir():
+        files += sorted(p for p in (folder / LOGS).rglob("*") if p.is_file())
+    return files
+
+
+def card_for_upload(text: str, old_id: str, repo_id: str) -> str:
+    """The model card as published: a local base model folder is no valid Hub base_model, and the usage
+    example names the repo the model now lives in."""
+    if text.startswith("---\n") and "\n---\n" in text[4:]:
+        head, body = text[4:].split("\n---\n", 1)
+        meta = yaml.safe_load(head) or {}
+        if meta.get("base_model") and not hub_id(str(meta["base_model"])):
+            del meta["base_model"]
+        text = f"---\n{yaml.safe_dump(meta, sort_keys=False, allow_unicode=True).strip()}\n---\n{body}"
+    return text.replace(f'model="{old_id}"', f'model="{repo_id}"').replace(f"--model {old_id} ", f"--model {repo_id} ")
+
+
+def push(folder: Path, cfg, attempts: int = 3, logs: bool = False) -> str:
+    """Create the repo and upload the allow-listed files in one commit; returns the repo URL."""
+    from huggingface_hub import CommitOperationAdd, HfApi
+
+    folder = Path(folder)
+    files = upload_list(folder, logs)
+    names = {p.name for p in files}
+    if "config.json" not in names or not names & {"model.safetensors", "model.safetensors.index.json"}:
+        raise HubError(f"{folder} holds no exported model (config.json and model.safetensors); "
+                       "only a finished run's model folder is uploaded, never a checkpoint-<step> folder")
+    token = cfg.hf_token or None
+    api = HfApi(token=token)
+
+    def attempt(what: str, call):
+        for i in range(1, attempts + 1):
+            try:
+                return call()
+            except Exception as e:  # huggingface_hub raises HTTP, network and OS errors; sort them below
+                if i == attempts or not _transient(e):
+                    raise HubError(f"could not {what} on {api.endpoint}: {_explain(e, token)}") from None
+                time.sleep(RETRY_WAIT_S * 2 ** (i - 1))
+
+    repo_id = cfg.hub_model_id or f"{attempt('look up your user name', api.whoami)['name']}/{cfg.checkpoint_name}"
+    url = attempt(f"create the repo {repo_id}", lambda: api.create_repo(repo_id, private=cfg.hub_private,
+                                                                        exist_ok=True))
+    old_id = cfg.hub_model_id or cfg.checkpoint_name
+    operations = []
+    for path in files:
+        rel = path.relative_to(folder).as_posix()
+        content = card_for_upload(path.read_text(encoding="utf-8"), old_id, repo_id).encode("utf-8") \
+            if rel == "README.md" else str(path)
+        operations.append(CommitOperationAdd(path_in_repo=rel, path_or_fileobj=content))
+    attempt(f"upload {len(operations)} files to {repo_id}", lambda: api.create_commit(
+        repo_id=repo_id, operations=operations, commit_message=f"whisper-ft: {cfg.checkpoint_name}"))
+    return str(url) if str(url).startswith("http") else f"{api.endpoint}/{repo_id}"
+
+
+def _transient(e: Exception) -> bool:
+    status = getattr(getattr(e, "response", None), "status_code", None)
+    if status is not None:
+        return status >= 500 or status in (408, 429)
+    if isinstance(e, (ConnectionError, TimeoutError)):
+        return True
+    # huggingface_hub's HTTP client (httpx / httpx2) has its own TransportError family for network failures.
+    return any(c.__name__ in ("TransportError", "TimeoutException", "NetworkError") for c in type(e).__mro__)
+
+
+def _explain(e: Exception, token: str | None) -> str:
+    status = getattr(getattr(e, "response", None), "status_code", None)
+    text = f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}"
+    if token:
+        text = text.replace(token, "***")
+    if status == 401:
+        return f"{text} (the Hub did not accept the token: set HF_TOKEN or run `hf auth login`)"
+    if status == 403:
+        return f"{text} (the token may only read: it needs write access to create and upload to repos)"
+    return text

@@ -1,0 +1,297 @@
+"""Transcribe audio files with a (fine-tuned) Whisper: whole files of any length, with segment times.
+
+    python -m whisper_ft.transcribe --model DIR_OR_HUB_ID FILE_OR_FOLDER... [--format txt srt vtt json]
+                                    [--output-dir transcripts] [--language as] [--task transcribe]
+
+Audio longer than 30 s is transcribed whole, not cut: the log-mel features of the full file go to
+transformers' long-form generation, which decodes one 30-s window after another, each starting where
+the previous one's last timestamp ended. Language and task come from the model's generation config
+(a whisper-ft model carries its training language) unless --language / --task say otherwise.
+Files that cannot be read are reported and skipped; the others are still transcribed, and the
+exit code is 1 when any file failed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+SAMPLE_RATE = 16_000
+HOP = 160  # samples per log-mel frame
+WINDOW_FRAMES = 3000  # Whisper's 30-s window in frames
+AUDIO_SUFFIXES = {".wav", ".flac", ".mp3", ".ogg", ".oga", ".opus", ".aif", ".aiff", ".au"}  # what soundfile reads
+FORMATS = ("txt", "srt", "vtt", "json")
+
+
+@dataclass
+class Segment:
+    start: float
+    end: float
+    text: str
+
+
+@dataclass
+class Transcript:
+    path: Path
+    duration: float
+    text: str = ""
+    segments: list[Segment] = field(default_factory=list)
+
+
+class TranscribeError(Exception):
+    pass
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m whisper_ft.transcribe", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("inputs", nargs="+", metavar="FILE_OR_FOLDER", help="audio files, or folders searched for them")
+    p.add_argument("--model", required=True, help="model folder (e.g. a run's checkpoint_dir) or Hub id")
+    p.add_argument("--format", nargs="+", default=["txt"], choices=FORMATS + ("all",), help="output formats")
+    p.add_argument("--output-dir", default="transcripts", help="where <name>.<format> files go")
+    p.add_argument("--language", default="", help="spoken language; default: the model's generation config")
+    p.add_argument("--task", default="", choices=("", "transcribe", "translate"),
+                   help="default: the model's generation config, else transcribe")
+    p.add_argument("--batch-size", type=int, default=8, help="files decoded together")
+    p.add_argument("--device", default="", help="cpu, cuda, cuda:1 ...; default: cuda when available")
+    p.add_argument("--dtype", default="auto", choices=("auto", "float32", "float16", "bfloat16"),
+                   help="auto: float16 on a GPU, float32 on CPU")
+    p.add_argument("--token", default="", help="Hub token for a private model; default $HF_TOKEN or the login cache")
+    args = p.parse_args(argv)
+    if args.batch_size < 1:
+        p.error("--batch-size must be at least 1")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    files, errors = find_audio(args.inputs)
+    if not files:
+        report(0, errors)
+        return 1
+    try:
+        transcriber = Transcriber(args.model, language=args.language, task=args.task, device=args.device,
+                                  dtype=args.dtype, token=args.token)
+    except TranscribeError as e:
+        print(f"whisper-ft transcribe: {e}", file=sys.stderr)
+        return 1
+    formats = FORMATS if "all" in args.format else tuple(dict.fromkeys(args.format))
+    out = Path(args.output_dir)
+    names = output_names(files)
+    done = 0
+    for start in range(0, len(files), args.batch_size):
+        batch = files[start : start + args.batch_size]
+        transcripts, failed = transcriber(batch)
+        errors += failed
+        for t in transcripts:
+            write_outputs(t, out / names[t.path], formats, transcriber.describe())
+            print(f"{t.path}\t{t.text}", flush=True)
+            done += 1
+    report(done, errors)
+    if done:
+        print(f"whisper-ft transcribe: wrote {', '.join(formats)} for {done} file(s) to {out}", file=sys.stderr)
+    return 1 if errors else 0
+
+
+def find_audio(inputs: list[str]) -> tuple[list[Path], list[tuple[str, str]]]:
+    """Files named directly (any extension) and audio files found in folders; missing paths are errors."""
+    files, errors = [], []
+    for raw in inputs:
+        path = Path(raw).expanduser()
+        if path.is_dir():
+            found = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in AUDIO_SUFFIXES)
+            if not found:
+                errors.append((raw, f"no audio files ({', '.join(sorted(AUDIO_SUFFIXES))}) in this folder"))
+            files += found
+        elif path.is_file():
+            files.append(path)
+        else:
+            errors.append((raw, "no such file or folder"))
+    return list(dict.fromkeys(files)), errors
+
+
+def output_names(files: list[Path]) -> dict[Path, str]:
+    """<stem> per file; a stem that repeats (a.mp3 and a.wav, or two folders) gets -2, -3 ... so none is overwritten."""
+    names, seen = {}, {}
+    for path in files:
+        n = seen[path.stem] = seen.get(path.stem, 0) + 1
+        names[path] = path.stem if n == 1 else f"{path.stem}-{n}"
+    return names
+
+
+def report(done: int, errors: list[tuple[str, str]]) -> None:
+    if errors:
+        print(f"whisper-ft transcribe: {len(errors)} input(s) failed, {done} transcribed:", file=sys.stderr)
+        for name, reason in errors:
+            print(f"  {name}: {reason}", file=sys.stderr)
+
+
+class Transcriber:
+    """A loaded model and processor; call it with a list of files to get (transcripts, errors)."""
+
+    def __init__(self, model: str, *, language: str = "", task: str = "", device: str = "", dtype: str = "auto",
+                 token: str = ""):
+        import torch
+        from transformers import WhisperForConditionalGeneration, WhisperProcessor
+
+        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        if dtype == "auto":
+            dtype = "float16" if self.device.type == "cuda" else "float32"
+        self.dtype = getattr(torch, dtype)
+        try:
+            self.processor = WhisperProcessor.from_pretrained(model, token=token or None)
+            self.model = WhisperForConditionalGeneration.from_pretrained(model, token=token or None, dtype=self.dtype)
+        except (OSError, ValueError) as e:  # ValueError: a missing local path read as a malformed Hub id
+            raise TranscribeError(f"could not load Whisper from {model!r}: {str(e).splitlines()[0][:300]}") from None
+        self.model.to(self.device).eval()
+        self.kwargs = self._language_and_task(language, task)
+
+    def _language_and_task(self, language: str, task: str) -> dict[str, Any]:
+        from whisper_ft.languages import LanguageError, resolve
+        from whisper_ft.model import is_multilingual
+
+        gen = self.model.generation_config
+        if not is_multilingual(self.model):  # an English-only (*.en) model takes no language or task token
+            if (language and resolve(language).code != "en") or task == "translate":
+                raise TranscribeError("this model is English-only (like *.en): it cannot take --language "
+                                      f"{language or 'en'} --task {task or 'transcribe'}")
+            return {}
+        try:
+            code = resolve(language).code if language else getattr(gen, "language", None)
+        except LanguageError as e:
+            raise TranscribeError(str(e)) from None
+        # No language anywhere (an original openai checkpoint): Whisper detects it from the audio.
+        return {"language": code, "task": task or getattr(gen, "task", None) or "transcribe"}
+
+    def describe(self) -> dict[str, Any]:
+        return {"language": self.kwargs.get("language"), "task": self.kwargs.get("task", "transcribe")}
+
+    def __call__(self, files: list[Path]) -> tuple[list[Transcript], list[tuple[str, str]]]:
+        audios, ok, errors = [], [], []
+        for path in files:
+            try:
+                audios.append(load_audio(path))
+                ok.append(path)
+            except Exception as e:  # soundfile raises several types; name the file and go on with the rest
+                errors.append((str(path), f"unreadable audio ({str(e).splitlines()[0][:160] or type(e).__name__})"))
+        if not ok:
+            return [], errors
+        try:
+            return self._generate(ok, audios), errors
+        except Exception as e:  # e.g. out of memory on one batch: report its files, keep the next batches
+            return [], errors + [(str(p), f"transcription failed: {type(e).__name__}: {str(e)[:200]}") for p in ok]
+
+    def _generate(self, files: list[Path], audios: list[np.ndarray]) -> list[Transcript]:
+        import torch
+
+        features, mask = long_form_inputs(self.processor.feature_extractor, audios)
+        with torch.no_grad():
+            out = self.model.generate(features.to(self.device, self.dtype), attention_mask=mask.to(self.device),
+                                      return_timestamps=True, return_segments=True, **self.kwargs)
+        tokenizer = self.processor.tokenizer
+        transcripts = []
+        for path, audio, raw_segments in zip(files, audios, out["segments"]):
+            duration = len(audio) / SAMPLE_RATE
+            segments = clean_segments(raw_segments, duration, tokenizer)
+            tokens = [int(t) for s in raw_segments for t in s["tokens"]]
+            text = tokenizer.decode(tokens, skip_special_tokens=True).strip()
+            transcripts.append(Transcript(path, duration, text, segments))
+        return transcripts
+
+
+def load_audio(path: Path) -> np.ndarray:
+    """float32 mono 16 kHz, the same decoding as training (soundfile + soxr, no FFmpeg)."""
+    from whisper_ft.data import Record, decode_audio
+
+    audio = decode_audio(Record(id=str(path), text="", path=str(path)))
+    if len(audio) == 0:
+        raise ValueError("no samples in the file")
+    if not np.isfinite(audio).all():
+        raise ValueError("NaN or inf samples")
+    return audio
+
+
+def long_form_inputs(feature_extractor, audios: list[np.ndarray]):
+    """Log-mel features of whole files, and the frame mask that tells generate() where each one ends.
+
+    Every file is padded to at least 30 s before the log-mel, as Whisper was trained on, so a short
+    file gets the same features as in training and evaluation; the mask then says "at least one full
+    window" for it. A file over 30 s keeps all its frames: more than 3000 frames with a mask is what
+    switches transformers to long-form (sequential 30-s windows) instead of truncating.
+    """
+    import torch
+
+    longest = max(len(a) for a in audios)
+    target = max(WINDOW_FRAMES * HOP, longest)
+    padded = [np.pad(a, (0, target - len(a))) for a in audios]
+    features = feature_extractor(padded, sampling_rate=SAMPLE_RATE, return_tensors="pt", truncation=False,
+                                 padding="longest").input_features
+    frames = features.shape[-1]
+    mask = torch.zeros(len(audios), frames, dtype=torch.long)
+    for i, a in enumerate(audios):
+        mask[i, : min(frames, max(WINDOW_FRAMES, -(-len(a) // HOP)))] = 1
+    return features, mask
+
+
+def clean_segments(raw: list[dict[str, Any]], duration: float, tokenizer) -> list[Segment]:
+    """Segments with text, times within the audio and never going backwards.
+
+    Whisper may put the last timestamp past the end of the audio (the window is padded with silence);
+    players reject cues that go backwards or end before they start.
+    """
+    segments, last = [], 0.0
+    for seg in raw:
+        text = tokenizer.decode([int(t) for t in seg["tokens"]], skip_special_tokens=True).strip()
+        if not text:
+            continue
+        start = min(max(float(seg["start"]), last), duration)
+        end = min(max(float(seg["end"]), start), duration)
+        segments.append(Segment(round(start, 3), round(end, 3), text))
+        last = end
+    return segments
+
+
+# ---------------------------------------------------------------------------------------------
+# Output formats
+
+
+def timestamp(seconds: float, sep: str) -> str:
+    ms = int(round(seconds * 1000))
+    h, ms = divmod(ms, 3_600_000)
+    m, ms = divmod(ms, 60_000)
+    s, ms = divmod(ms, 1000)
+    return f"{h:02d}:{m:02d}:{s:02d}{sep}{ms:03d}"
+
+
+def to_srt(t: Transcript) -> str:
+    return "".join(f"{i}\n{timestamp(s.start, ',')} --> {timestamp(s.end, ',')}\n{s.text}\n\n"
+                   for i, s in enumerate(t.segments, 1))
+
+
+def to_vtt(t: Transcript) -> str:
+    return "WEBVTT\n\n" + "".join(f"{timestamp(s.start, '.')} --> {timestamp(s.end, '.')}\n{s.text}\n\n"
+                                  for s in t.segments)
+
+
+def to_json(t: Transcript, info: dict[str, Any]) -> str:
+    data = {"file": str(t.path), "duration": round(t.duration, 3), **info, "text": t.text,
+            "segments": [{"start": s.start, "end": s.end, "text": s.text} for s in t.segments]}
+    return json.dumps(data, ensure_ascii=False, indent=1) + "\n"
+
+
+def write_outputs(t: Transcript, stem: Path, formats, info: dict[str, Any]) -> None:
+    stem.parent.mkdir(parents=True, exist_ok=True)
+    render = {"txt": lambda: t.text + "\n", "srt": lambda: to_srt(t), "vtt": lambda: to_vtt(t),
+              "json": lambda: to_json(t, info)}
+    for fmt in formats:
+        stem.with_name(f"{stem.name}.{fmt}").write_text(render[fmt](), encoding="utf-8")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
