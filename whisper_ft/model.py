@@ -17,7 +17,7 @@ def load_whisper(pretrained: str, lang, task: str, *, cache_dir: str = "", token
         processor = WhisperProcessor.from_pretrained(pretrained, cache_dir=cache_dir or None, token=token or None)
         model = WhisperForConditionalGeneration.from_pretrained(pretrained, cache_dir=cache_dir or None,
                                                                 token=token or None)
-    except OSError as e:
+    except (OSError, ValueError) as e:  # ValueError: a path that does not exist reads as a malformed Hub id
         raise ModelError(f"could not load Whisper from {pretrained!r}: {str(e).splitlines()[0][:300]} "
                          "(a Hub id like openai/whisper-small, or a folder with config.json and the weights)") from None
     configure_language(processor, model, lang, task)
