@@ -79,10 +79,8 @@ def train(cfg: Config) -> int:
     collate = Collator(model.config.decoder_start_token_id)
     rank, world = accelerator.process_index, accelerator.num_processes
 
-    train_records, eval_records, skipped = run.load_data(cfg, lang, prepare, say)
-    bad = BadCounter()
-    for b in skipped:
-        bad.add(b)
+    train_records, eval_records = run.load_data(cfg, lang, prepare, say)
+    bad = BadCounter()  # unusable training samples, counted when drawn: the same on every process
 
     optimizer = torch.optim.AdamW(run.param_groups(model, cfg.weight_decay), lr=cfg.learning_rate)
     model, optimizer = accelerator.prepare(model, optimizer)
@@ -161,14 +159,15 @@ def train(cfg: Config) -> int:
                    kind=cfg.lr_scheduler_type)
         set_lr(optimizer, lr)
         micro = [next(batches) for _ in range(micro_per_step)]
-        for mb in micro:
-            for b in mb["bad"]:
+        # One all-reduce for what every process must agree on before the forward: label tokens of the
+        # whole optimizer step (the loss is normalised by them, pitfall 7), samples, audio, bad samples.
+        step_tokens, samples, seconds, n_bad, n_seen = run.step_totals(micro, accelerator)
+        if n_bad:  # rare: collect the bad samples of all processes so every process counts the same
+            for b in run.gather_bad(micro):
                 bad.add(b)
-        bad.seen += sum(len(mb["ids"]) + len(mb["bad"]) for mb in micro)
-        # Normalise by the label tokens of the whole optimizer step on all processes, so every token
-        # weighs the same whatever the batch, accumulation and process count (pitfall 7).
-        local_tokens = sum(int((mb["labels"] != IGNORE_INDEX).sum()) for mb in micro if mb["ids"])
-        step_tokens = int(accelerator.reduce(torch.tensor(local_tokens, device=accelerator.device), "sum"))
+                if bad.total <= 5:  # name the first few as they happen; all are summarised at the end
+                    say(f"skipped {b.id}: {b.reason}{f' ({b.detail})' if b.detail else ''}", to_bar=True)
+        bad.seen += n_seen
         loss_sum = torch.zeros((), device=accelerator.device)
         for mb in micro:
             with accelerator.accumulate(model):
@@ -203,10 +202,6 @@ def train(cfg: Config) -> int:
         optimizer.zero_grad(set_to_none=True)
 
         state["step"] = step = step + 1
-        samples = int(accelerator.reduce(torch.tensor(sum(len(mb["ids"]) for mb in micro),
-                                                      device=accelerator.device), "sum"))
-        seconds = float(accelerator.reduce(torch.tensor(sum(mb["seconds"] for mb in micro),
-                                                        device=accelerator.device), "sum"))
         state["samples_seen"] += samples
         state["audio_seconds_seen"] += seconds
         window.add(step_loss, samples)

@@ -39,7 +39,7 @@ def make_clips(folder: Path, n: int, seconds: float = 5.0, rate: int = 48_000) -
     import soundfile as sf
     import soxr
 
-    from whisper_ft.data import load_records
+    from whisper_ft.sources import load_records
 
     source = [(r, sf.read(r.path, dtype="float32")[0]) for r in load_records(str(CV_EN), "validated")]
     pause = np.zeros(int(0.3 * 16_000), np.float32)

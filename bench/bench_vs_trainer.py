@@ -59,7 +59,8 @@ def trainer_worker(spec_path: str) -> None:
     from transformers import Seq2SeqTrainer, Seq2SeqTrainingArguments, TrainerCallback
 
     from whisper_ft.collate import Collator
-    from whisper_ft.data import Bad, Prepare, RecordDataset, load_records
+    from whisper_ft.data import Bad, Prepare, RecordDataset
+    from whisper_ft.sources import load_records
     from whisper_ft.languages import resolve
     from whisper_ft.model import load_whisper
 
@@ -262,7 +263,7 @@ def main(argv: list[str] | None = None) -> int:
         model_dir = tmp / "model"
         from whisper_ft import tiny
         tiny.build(model_dir, tiny.texts_from_tsv(DATA / "validated.tsv"), d_model=a.d_model)
-        from whisper_ft.data import load_records
+        from whisper_ft.sources import load_records
         n_train = len(load_records(str(DATA), "train"))
 
         results = []

@@ -10,7 +10,8 @@ import pytest
 import soundfile as sf
 
 from conftest import BAD, base_config, metrics, run_train
-from whisper_ft.data import BAD_LINE, Bad, Prepare, TrainBatches, load_records
+from whisper_ft.data import BAD_LINE, Bad, Prepare, TrainBatches
+from whisper_ft.sources import load_records
 
 GOOD = [f"good/common_voice_en_{n:06d}.mp3" for n in range(1, 11)] + ["stereo_48k.wav", "mono_8k.wav"]
 EXPECTED = {  # tests/data/bad/manifest.csv: what each broken row is skipped for

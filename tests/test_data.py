@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 
 from conftest import BAD, CV_AS, CV_EN
-from whisper_ft.data import (BAD_LINE, Bad, DataError, LogMel, Prepare, RecordDataset, TrainBatches, decode_audio,
-                             load_records, mix, read_mixture)
+from whisper_ft.data import BAD_LINE, Bad, DataError, LogMel, Prepare, RecordDataset, TrainBatches, decode_audio
 from whisper_ft.languages import resolve
+from whisper_ft.sources import load_records, mix, read_mixture
 
 EN_1_8 = ["the cat sat down", "open the red door", "the dog can run", "i see a blue ball", "we go home now",
           "my cat is big", "the red ball is little", "open the door now"]
@@ -264,7 +264,7 @@ def test_load_data_streaming_gives_a_stream_and_reads_eval(parquet_dataset, prep
 
     said = []
     cfg = cfg_for(str(parquet_dataset), streaming=True, dataset_cache=str(tmp_path / "cache"), max_eval_samples=1)
-    train, evals, _ = load_data(cfg, resolve("en"), prepare, said.append)
+    train, evals = load_data(cfg, resolve("en"), prepare, said.append)
     assert isinstance(train, HubStream) and len(list(train)) == 4
     cfg.max_train_samples = 3
     assert [r.text for r in load_data(cfg, resolve("en"), prepare, said.append)[0]] == EN_1_8[:3]
@@ -362,9 +362,9 @@ def test_load_data_mixture_weights_splits_and_log(tmp_path, prepare):
     (tmp_path / "mix.yaml").write_text(f"- name: {CV_EN}\n  weight: 3\n"
                                        f"- name: {CV_AS}\n  weight: 1\n  train_split: train+dev\n  eval_split: ''\n")
     said = []
-    train, evals, skipped = load_data(cfg_for(str(tmp_path / "mix.yaml")), resolve("en"), prepare, said.append)
+    train, evals = load_data(cfg_for(str(tmp_path / "mix.yaml")), resolve("en"), prepare, said.append)
     assert said[0] == "mixture, samples per epoch: cv-en 23 (25 records, weight 3), cv-as 8 (6 records, weight 1)"
-    assert len(train) == 31 and skipped == []
+    assert len(train) == 31
     ids = Counter(r.id.split("/")[0] for r in train)
     assert ids == {"cv-en": 23, "cv-as": 8}
     assert len(evals) == 8 and evals[0].id == "cv-en/common_voice_en_000025.mp3"  # cv-as gives no eval samples
@@ -379,8 +379,8 @@ def test_load_data_keeps_text_problems_in_training_and_drops_them_from_eval(tmp_
 
     said = []
     cfg = cfg_for(str(BAD / "manifest.csv"), eval_split="train", max_bad_sample_fraction=0.5)
-    train, evals, skipped = load_data(cfg, resolve("en"), prepare, said.append)
-    assert len(train) == 21 and len(evals) == 18 and skipped == []
+    train, evals = load_data(cfg, resolve("en"), prepare, said.append)
+    assert len(train) == 21 and len(evals) == 18
     assert "3 training samples are unusable and will be skipped and counted when drawn: 2 empty transcript, " \
            "1 transcript over 448 tokens" in "\n".join(said)
     assert "skipped 3 evaluation samples before starting" in "\n".join(said)

@@ -93,3 +93,22 @@ def test_token_appears_in_no_output(tiny_model, tmp_path):
     assert any("events.out.tfevents" in p.name for p in files) and any(p.name == "config.yaml" for p in files)
     leaked = [p for p in files if token.encode() in p.read_bytes()]
     assert leaked == []
+
+
+def test_two_processes_agree_on_bad_samples(tiny_model, tmp_path):
+    """Bad samples drawn on either process are counted once, the same on both (no deadlock, no double count)."""
+    from conftest import BAD
+
+    out = tmp_path / "run"
+    cfg = base_config(tiny_model, out, dataset_name=str(BAD / "manifest.csv"), per_device_train_batch_size=5,
+                      max_steps=2, save_steps=2, eval_strategy="no", load_best_model_at_end=False,
+                      max_bad_sample_fraction=0.9)
+    proc = run_train(cfg, tmp_path, launcher=[sys.executable, "-m", "torch.distributed.run", "--nproc_per_node",
+                                              "2", "--master_port", "29541"],
+                     env={"ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    final = metrics(out)[-1]
+    # 21 rows (12 usable, 9 not) shared by 2 processes: one epoch draws 20 of them, so 8 or 9 bad
+    assert final["bad_samples"] in (8, 9) and sum(final["bad_samples_by_reason"].values()) == final["bad_samples"]
+    assert final["samples_seen"] + final["bad_samples"] == 20
+    assert proc.stderr.count("skipped ") >= 5  # the first few are named as they happen

@@ -111,7 +111,7 @@ def parquet_copy(folder):
     """A local stand-in for a Hub dataset: the English clips as a parquet file with an Audio column."""
     import datasets
 
-    from whisper_ft.data import load_records
+    from whisper_ft.sources import load_records
 
     for split, name in (("train", "train"), ("dev", "validation")):
         recs = load_records(str(CV_EN), split)

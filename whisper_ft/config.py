@@ -37,7 +37,7 @@ class Config:
     whisper_pretrained: str = ""  # Hub id or local folder of the starting model; default openai/<model_name>
     model_cache: str = ""  # where Hub models are cached; empty = the Hugging Face default cache
     # --- data --------------------------------------------------------------------------------
-    dataset_name: str = "google/fleurs"  # Hub dataset id, Common Voice release folder, or CSV/TSV/JSONL manifest
+    dataset_name: str = "google/fleurs"  # Hub id, Common Voice folder, CSV/TSV/JSONL manifest, audiofolder, or .yaml mixture
     dataset_config: str = ""  # Hub dataset config (subset); empty = derived from lang for known datasets
     dataset_revision: str = ""  # Hub dataset revision; FLEURS needs refs/convert/parquet (script-free copy)
     dataset_cache: str = ""  # where Hub datasets are cached; empty = the Hugging Face default cache

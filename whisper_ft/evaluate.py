@@ -65,7 +65,8 @@ def run(cfg, args) -> int:
 
     from whisper_ft import run as run_parts
     from whisper_ft.collate import Collator
-    from whisper_ft.data import DataError, Prepare, load_records
+    from whisper_ft.data import DataError, Prepare
+    from whisper_ft.sources import load_records
     from whisper_ft.evaluation import evaluate
     from whisper_ft.languages import resolve
     from whisper_ft.model import generate_kwargs

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from whisper_ft.data import AUDIO_COLUMNS, SPLIT_SYNONYMS, TEXT_COLUMNS, DataError, Record, _pick_column, _split_names
+from whisper_ft.data import AUDIO_COLUMNS, SPLIT_SYNONYMS, TEXT_COLUMNS, DataError, Record
+from whisper_ft.sources import _pick_column, _split_names
 
 CV_MOVED = ("Common Voice is no longer distributed on the Hub: download a release for your language from the "
             "Mozilla Data Collective (https://datacollective.mozillafoundation.org), extract it and set "

@@ -12,7 +12,8 @@ from typing import Any, Callable
 import torch
 
 from whisper_ft.config import Config
-from whisper_ft.data import Bad, BadCounter, DataError, RecordDataset, load_records
+from whisper_ft.data import Bad, BadCounter, DataError, RecordDataset
+from whisper_ft.sources import load_records
 
 
 class RunStopped(Exception):
@@ -57,7 +58,7 @@ def param_groups(model, weight_decay: float) -> list[dict[str, Any]]:
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
-def load_data(cfg: Config, lang, prepare, say) -> tuple[Any, list, list[Bad]]:
+def load_data(cfg: Config, lang, prepare, say) -> tuple[Any, list]:
     """Train and eval records, checked before training starts.
 
     Training records with an unreadable table line, an unusable transcript or a known duration over
@@ -66,14 +67,14 @@ def load_data(cfg: Config, lang, prepare, say) -> tuple[Any, list, list[Bad]]:
     are counted and named here; if they alone are more than max_bad_sample_fraction, or no sample is
     usable, or none of the audio files exists, this is an error before training. Unusable evaluation
     records are removed. A mixture (dataset_name a list, or a .yaml file listing sources) is joined
-    here, each source with its own splits, columns and weight. Returns (train, eval, []): train is a
+    here, each source with its own splits, columns and weight. Returns (train, eval): train is a
     list, or a HubStream when streaming a Hub dataset; eval is a list (a streamed eval split is read).
     """
     from collections import Counter
     from itertools import islice
     from pathlib import Path
 
-    from whisper_ft.data import mix, read_mixture
+    from whisper_ft.sources import mix, read_mixture
 
     sources = read_mixture(cfg.dataset_name) or [{"name": cfg.dataset_name, "label": ""}]
     if cfg.streaming and len(sources) > 1:
@@ -141,7 +142,7 @@ def load_data(cfg: Config, lang, prepare, say) -> tuple[Any, list, list[Bad]]:
     if evals and all(r.id in train_ids for r in evals):
         say(f"warning: all {len(evals)} evaluation samples are training samples too (a manifest without a "
             "split column gives every split all its rows): the evaluation measures memorisation, not accuracy")
-    return train, evals, []
+    return train, evals
 
 
 def _usable(records, prepare) -> tuple[list[int], list[Bad]]:
@@ -222,6 +223,22 @@ def train_batches(records, prepare, collate, cfg: Config, rank: int, world: int,
                                    start=start_step * cfg.gradient_accumulation_steps),
         generator=torch.Generator(),  # its own RNG: creating the loader must not shift dropout's (exact resume)
         persistent_workers=cfg.dataloader_num_workers > 0))
+
+
+def step_totals(micro: list[dict[str, Any]], accelerator) -> tuple[int, int, float, int, int]:
+    """(label tokens, samples, audio seconds, bad samples, samples drawn) of one optimizer step, all processes."""
+    local = [sum(int((mb["labels"] != -100).sum()) for mb in micro if mb["ids"]),
+             sum(len(mb["ids"]) for mb in micro), sum(mb["seconds"] for mb in micro),
+             sum(len(mb["bad"]) for mb in micro), sum(len(mb["ids"]) + len(mb["bad"]) for mb in micro)]
+    tokens, samples, seconds, bad, seen = accelerator.reduce(
+        torch.tensor(local, dtype=torch.float64, device=accelerator.device), "sum").tolist()
+    return int(tokens), int(samples), seconds, int(bad), int(seen)
+
+
+def gather_bad(micro: list[dict[str, Any]]) -> list[Bad]:
+    from accelerate.utils import gather_object
+
+    return [b for part in gather_object([[b for mb in micro for b in mb["bad"]]]) for b in part]
 
 
 def batch_or_placeholder(batch, model, device):
@@ -350,7 +367,7 @@ def finish(cfg: Config, lang, state: dict[str, Any], bad: BadCounter, out, say) 
         say(f"{cfg.metric_for_best_model}: base model {base[key]:.2f} -> fine-tuned {best:.2f}")
     if bad.total:
         say(f"skipped {bad.total} unusable samples during training: "
-            + ", ".join(f"{n} {r}" for r, n in bad.counts.most_common()))
+            + ", ".join(f"{n} {r}" for r, n in bad.counts.most_common()) + "; first: " + "; ".join(bad.examples[:5]))
     say(f"final model: {out} (load with WhisperForConditionalGeneration.from_pretrained)")
     if cfg.push_to_hub:
         url = hub.push(out, cfg)
