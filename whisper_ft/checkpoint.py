@@ -8,7 +8,9 @@ pruned; so a kill at any moment leaves the previous checkpoint intact (DESIGN pi
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 import os
 import re
 import shutil
@@ -51,7 +53,8 @@ def save(accelerator, root: Path, step: int, state: dict[str, Any], process_stat
         shutil.rmtree(tmp)
     accelerator.wait_for_everyone()
     try:
-        accelerator.save_state(str(tmp), safe_serialization=True)
+        with _quiet("accelerate.utils.other"):  # its "Removed shared tensor proj_out.weight" note is expected:
+            accelerator.save_state(str(tmp), safe_serialization=True)  # load_state re-ties it (tested)
         if process_state is not None:
             _write_synced(tmp / f"process-{accelerator.process_index}.json", json.dumps(process_state))
         if accelerator.is_main_process:
@@ -95,6 +98,17 @@ def export_model(unwrapped_model, processor, out_dir: Path) -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
     unwrapped_model.save_pretrained(out_dir, safe_serialization=True)
     processor.save_pretrained(out_dir)
+
+
+@contextlib.contextmanager
+def _quiet(logger_name: str):
+    logger = logging.getLogger(logger_name)
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
 
 
 def _write_synced(path: Path, text: str) -> None:
