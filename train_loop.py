@@ -31,7 +31,7 @@ def main(argv: list[str] | None = None) -> int:
     from whisper_ft.checkpoint import CheckpointError
     from whisper_ft.data import DataError
     from whisper_ft.model import ModelError
-    from whisper_ft.run import RunStopped
+    from whisper_ft.stopping import RunStopped
 
     try:
         return train(cfg)
@@ -49,8 +49,8 @@ def train(cfg: Config) -> int:
     from accelerate.utils import DataLoaderConfiguration, set_seed
     from tqdm.auto import tqdm
 
-    from whisper_ft import checkpoint, run
-    from whisper_ft.collate import IGNORE_INDEX, Collator
+    from whisper_ft import batches, checkpoint, run, stopping
+    from whisper_ft.collate import Collator
     from whisper_ft.data import BadCounter, Prepare
     from whisper_ft.evaluation import evaluate, token_loss_sum
     from whisper_ft.languages import resolve
@@ -79,7 +79,7 @@ def train(cfg: Config) -> int:
     collate = Collator(model.config.decoder_start_token_id)
     rank, world = accelerator.process_index, accelerator.num_processes
 
-    train_records, eval_records = run.load_data(cfg, lang, prepare, say)
+    train_records, eval_records = batches.load_data(cfg, lang, prepare, say)
     bad = BadCounter()  # unusable training samples, counted when drawn: the same on every process
 
     # fused: one kernel for all parameters instead of several per tensor (CPU and CUDA alike)
@@ -104,15 +104,15 @@ def train(cfg: Config) -> int:
     log = MetricsLog(out, accelerator.is_main_process, cfg.report_to == "tensorboard",
                      resume_step=state["step"] if resumed_from else None)
     micro_per_step = cfg.gradient_accumulation_steps
-    batches = run.train_batches(train_records, prepare, collate, cfg, rank, world, start_step=state["step"])
-    if resumed_from is not None and hasattr(batches, "load_state_dict"):
-        batches.load_state_dict(checkpoint.read_process_state(resumed_from, rank))
-    eval_loader = run.eval_loader(eval_records, prepare, collate, cfg, rank, world)
+    train_iter = batches.train_batches(train_records, prepare, collate, cfg, rank, world, start_step=state["step"])
+    if resumed_from is not None and hasattr(train_iter, "load_state_dict"):
+        train_iter.load_state_dict(checkpoint.read_process_state(resumed_from, rank))
+    eval_loader = batches.eval_loader(eval_records, prepare, collate, cfg, rank, world)
     gen_kwargs = generate_kwargs(accelerator.unwrap_model(model), cfg.generation_max_length) \
         if cfg.predict_with_generate else None
-    stopper = run.GracefulStop(accelerator)
-    nan_steps = run.injected_nan_steps()
-    shift_right = run.decoder_inputs(accelerator.unwrap_model(model).config)
+    stopper = stopping.GracefulStop(accelerator)
+    nan_steps = stopping.injected_nan_steps()
+    shift_right = batches.decoder_inputs(accelerator.unwrap_model(model).config)
 
     def do_eval(step: int) -> None:
         metrics, rows, eval_bad = evaluate(model, eval_loader, processor.tokenizer, accelerator,
@@ -120,8 +120,8 @@ def train(cfg: Config) -> int:
         if stopper.agreed():  # abandoned half-way: evaluate again after the resume
             state["pending_eval"] = True
             save(step)
-            raise run.RunStopped(f"stopped by signal during the evaluation at step {step}; checkpoint saved. "
-                                 "Rerun the same command to resume.")
+            raise stopping.RunStopped(f"stopped by signal during the evaluation at step {step}; checkpoint saved. "
+                                      "Rerun the same command to resume.")
         state["pending_eval"] = False
         metrics["eval_bad_samples"] = len(eval_bad)
         log.log(step, metrics)
@@ -137,7 +137,7 @@ def train(cfg: Config) -> int:
     def save(step: int) -> None:
         state["bad"] = bad.state_dict()
         path = checkpoint.save(accelerator, out, step, state,
-                               process_state=batches.state_dict() if hasattr(batches, "state_dict") else None)
+                               process_state=train_iter.state_dict() if hasattr(train_iter, "state_dict") else None)
         if accelerator.is_main_process:
             best = out / f"checkpoint-{state['best_step']}" if state["best_step"] is not None else None
             checkpoint.prune(out, cfg.save_total_limit, keep={best, resumed_from})
@@ -159,12 +159,12 @@ def train(cfg: Config) -> int:
         lr = lr_at(step, peak=cfg.learning_rate, warmup_steps=cfg.warmup_steps, max_steps=cfg.max_steps,
                    kind=cfg.lr_scheduler_type)
         set_lr(optimizer, lr)
-        micro = [next(batches) for _ in range(micro_per_step)]
+        micro = [next(train_iter) for _ in range(micro_per_step)]
         # One all-reduce for what every process must agree on before the forward: label tokens of the
         # whole optimizer step (the loss is normalised by them, pitfall 7), samples, audio, bad samples.
-        step_tokens, samples, seconds, n_bad, n_seen = run.step_totals(micro, accelerator)
+        step_tokens, samples, seconds, n_bad, n_seen = batches.step_totals(micro, accelerator)
         if n_bad:  # rare: collect the bad samples of all processes so every process counts the same
-            for b in run.gather_bad(micro):
+            for b in batches.gather_bad(micro):
                 bad.add(b)
                 if bad.total <= 5:  # name the first few as they happen; all are summarised at the end
                     say(f"skipped {b.id}: {b.reason}{f' ({b.detail})' if b.detail else ''}", to_bar=True)
@@ -172,7 +172,7 @@ def train(cfg: Config) -> int:
         loss_sum = torch.zeros((), device=accelerator.device)
         for mb in micro:
             with accelerator.accumulate(model):
-                features, labels = run.batch_or_placeholder(mb, model, accelerator.device)
+                features, labels = batches.batch_or_placeholder(mb, model, accelerator.device)
                 with accelerator.autocast():
                     # decoder inputs, not labels: with labels Whisper would compute a mean loss we discard
                     logits = model(input_features=features, decoder_input_ids=shift_right(labels)).logits
@@ -196,10 +196,10 @@ def train(cfg: Config) -> int:
             say(f"step {step + 1}: loss is {step_loss}; update skipped "
                 f"({state['nonfinite_in_row']} in a row, limit {cfg.max_nonfinite_steps})", to_bar=True)
             if state["nonfinite_in_row"] >= cfg.max_nonfinite_steps:
-                raise run.RunStopped(f"{cfg.max_nonfinite_steps} optimizer steps in a row had a NaN/inf loss; "
-                                     "stopped without saving the poisoned state. Lower learning_rate, turn off fp16 "
-                                     "(bf16 or fp32) or look for broken samples; the last checkpoint is intact.",
-                                     EXIT_ERROR)
+                raise stopping.RunStopped(f"{cfg.max_nonfinite_steps} optimizer steps in a row had a NaN/inf loss; "
+                                          "stopped without saving the poisoned state. Lower learning_rate, turn off fp16 "
+                                          "(bf16 or fp32) or look for broken samples; the last checkpoint is intact.",
+                                          EXIT_ERROR)
         optimizer.zero_grad(set_to_none=True)
 
         state["step"] = step = step + 1
@@ -215,7 +215,7 @@ def train(cfg: Config) -> int:
                            "epoch": state["samples_seen"] / len(train_records) if isinstance(train_records, list) else None,
                            "bad_samples": bad.total, "nonfinite_steps": state["nonfinite_steps"]})
             window = run.Window()
-        run.check_bad_fraction(bad, cfg, say, on_stop=lambda: save(step))
+        stopping.check_bad_fraction(bad, cfg, say, on_stop=lambda: save(step))
         evaluated = cfg.eval_strategy == "steps" and (step % cfg.eval_steps == 0 or step == cfg.max_steps)
         if evaluated:
             do_eval(step)

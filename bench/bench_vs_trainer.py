@@ -289,8 +289,8 @@ def main(argv: list[str] | None = None) -> int:
               f"torch {torch.__version__}, transformers {transformers.__version__}, {os.cpu_count()} CPUs, "
               f"load avg {load_before[0]:.2f} before / {load_after[0]:.2f} after")
         print()
-        print(f"| run | ours samples/s | trainer samples/s | ours/trainer | timed samples (ours, trainer) "
-              f"| process wall s (ours*, trainer) |")
+        print("| run | ours samples/s | trainer samples/s | ours/trainer | timed samples (ours, trainer) "
+              "| process wall s (ours*, trainer) |")
         print("|---|---|---|---|---|---|")
         for i, r in enumerate(results):
             o, t = r["ours"], r["trainer"]

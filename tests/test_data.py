@@ -260,7 +260,7 @@ def test_local_parquet_dataset_like_the_hub(parquet_dataset, prepare, tmp_path):
 
 def test_load_data_streaming_gives_a_stream_and_reads_eval(parquet_dataset, prepare, tmp_path):
     from whisper_ft.hub_data import HubStream
-    from whisper_ft.run import load_data
+    from whisper_ft.batches import load_data
 
     said = []
     cfg = cfg_for(str(parquet_dataset), streaming=True, dataset_cache=str(tmp_path / "cache"), max_eval_samples=1)
@@ -357,7 +357,7 @@ def cfg_for(dataset_name, **overrides):
 
 
 def test_load_data_mixture_weights_splits_and_log(tmp_path, prepare):
-    from whisper_ft.run import load_data
+    from whisper_ft.batches import load_data
 
     (tmp_path / "mix.yaml").write_text(f"- name: {CV_EN}\n  weight: 3\n"
                                        f"- name: {CV_AS}\n  weight: 1\n  train_split: train+dev\n  eval_split: ''\n")
@@ -375,7 +375,7 @@ def test_load_data_mixture_weights_splits_and_log(tmp_path, prepare):
 
 
 def test_load_data_keeps_text_problems_in_training_and_drops_them_from_eval(tmp_path, prepare):
-    from whisper_ft.run import load_data
+    from whisper_ft.batches import load_data
 
     said = []
     cfg = cfg_for(str(BAD / "manifest.csv"), eval_split="train", max_bad_sample_fraction=0.5)
@@ -388,7 +388,7 @@ def test_load_data_keeps_text_problems_in_training_and_drops_them_from_eval(tmp_
 
 
 def test_load_data_refuses_unusable_datasets(tmp_path, prepare):
-    from whisper_ft.run import load_data
+    from whisper_ft.batches import load_data
 
     (tmp_path / "empty.csv").write_text("path,text\n" + "".join(f"{clip(n)},\n" for n in range(1, 4)))
     with pytest.raises(DataError, match=r"no usable training sample in .*empty.csv split 'train' \(3 unusable: "

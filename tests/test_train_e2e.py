@@ -1,9 +1,7 @@
 """The real entry point, end to end: resume exactness, two processes, the exported model, learning."""
 
-import shutil
 import sys
 
-import pytest
 import torch
 from safetensors.torch import load_file
 

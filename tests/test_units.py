@@ -26,7 +26,6 @@ def test_collator_strips_one_start_token_and_pads_with_ignore_index():
 
 
 def test_collator_with_real_tokenizer_gives_one_start_token_to_the_model(tiny_model):
-    import torch
     from transformers import WhisperForConditionalGeneration, WhisperProcessor
     from transformers.models.whisper.modeling_whisper import shift_tokens_right
 

@@ -63,6 +63,7 @@ def run(cfg, args) -> int:
     from accelerate import Accelerator
     from accelerate.utils import DataLoaderConfiguration
 
+    from whisper_ft import batches
     from whisper_ft import run as run_parts
     from whisper_ft.collate import Collator
     from whisper_ft.data import DataError, Prepare
@@ -92,8 +93,8 @@ def run(cfg, args) -> int:
         raise DataError(f"{cfg.dataset_name} split {split!r} has no samples")
     # Unusable samples (empty or over-long transcript, unreadable audio, over 30 s) are not filtered here:
     # Prepare turns each into a Bad, which evaluate() returns; they are counted and named in the summary.
-    loader = run_parts.eval_loader(records, prepare, Collator(model.config.decoder_start_token_id), cfg,
-                                   accelerator.process_index, accelerator.num_processes)
+    loader = batches.eval_loader(records, prepare, Collator(model.config.decoder_start_token_id), cfg,
+                                 accelerator.process_index, accelerator.num_processes)
     start = time.perf_counter()
     metrics, rows, bad = evaluate(model, loader, processor.tokenizer, accelerator,
                                   generate_kwargs=generate_kwargs(model, cfg.generation_max_length))

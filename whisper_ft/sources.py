@@ -38,7 +38,7 @@ def load_records(dataset_name: str, split: str, *, lang=None, text_column: str =
                  streaming: bool = False):
     """Records of `split` ("train+dev" joins splits): a list, or an iterable HubStream when streaming a Hub dataset.
 
-    A mixture gives its sources' records of `split`, joined, without weights (run.load_data applies
+    A mixture gives its sources' records of `split`, joined, without weights (batches.load_data applies
     them, and each source's own splits, for training).
     """
     sources = read_mixture(dataset_name)
