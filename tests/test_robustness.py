@@ -112,3 +112,17 @@ def test_two_processes_agree_on_bad_samples(tiny_model, tmp_path):
     assert final["bad_samples"] in (8, 9) and sum(final["bad_samples_by_reason"].values()) == final["bad_samples"]
     assert final["samples_seen"] + final["bad_samples"] == 20
     assert proc.stderr.count("skipped ") >= 5  # the first few are named as they happen
+
+
+def test_edited_mixture_file_on_resume_is_refused(tiny_model, tmp_path):
+    from conftest import CV_AS, CV_EN
+
+    mixture = tmp_path / "mix.yaml"
+    mixture.write_text(f"- name: {CV_EN}\n  eval_split: dev\n")
+    out = tmp_path / "run"
+    cfg = base_config(tiny_model, out, dataset_name=str(mixture), max_steps=4, save_steps=2, eval_steps=100)
+    assert run_train(cfg, tmp_path, "--stop-at-step", "2").returncode == 0
+    mixture.write_text(f"- name: {CV_EN}\n  eval_split: dev\n- name: {CV_AS}\n  eval_split: dev\n")
+    proc = run_train(cfg, tmp_path)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert f"the sources listed in {mixture} changed" in proc.stderr

@@ -39,7 +39,7 @@ class Config:
     # --- data --------------------------------------------------------------------------------
     dataset_name: str = "google/fleurs"  # Hub id, Common Voice folder, CSV/TSV/JSONL manifest, audiofolder, or .yaml mixture
     dataset_config: str = ""  # Hub dataset config (subset); empty = derived from lang for known datasets
-    dataset_revision: str = ""  # Hub dataset revision; FLEURS needs refs/convert/parquet (script-free copy)
+    dataset_revision: str = ""  # Hub dataset revision; empty = refs/convert/parquet (the script-free copy) for google/fleurs
     dataset_cache: str = ""  # where Hub datasets are cached; empty = the Hugging Face default cache
     train_split: str = "train"  # split(s) to train on; "train+dev" joins splits
     eval_split: str = "validation"  # split(s) to evaluate on ("dev" and "validation" are synonyms)
@@ -208,6 +208,8 @@ def _derive(cfg: Config, env: dict[str, str]) -> None:
         cfg.checkpoint_name = f"{cfg.model_name}-{cfg.lang}"
     if not cfg.checkpoint_dir:
         cfg.checkpoint_dir = str(Path("checkpoints") / cfg.checkpoint_name)
+    if not cfg.dataset_revision and cfg.dataset_name == "google/fleurs":  # its loading script no longer loads
+        cfg.dataset_revision = "refs/convert/parquet"
     if not cfg.hf_token:
         cfg.hf_token = env.get("HF_TOKEN", "") or _cached_token()
 

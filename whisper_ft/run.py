@@ -5,9 +5,11 @@ batches.py; why and how a run stops early is in stopping.py."""
 
 from __future__ import annotations
 
+import hashlib
 import sys
 import time
 import warnings
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -62,7 +64,15 @@ def improves(value: float | None, best: float | None, greater_is_better: bool) -
 def fresh_state(cfg: Config) -> dict[str, Any]:
     return {"step": 0, "best_metric": None, "best_step": None, "samples_seen": 0, "audio_seconds_seen": 0.0,
             "nonfinite_in_row": 0, "nonfinite_steps": 0, "bad": BadCounter().state_dict(), "base_metrics": None,
-            "config": cfg.public_dict()}
+            "config": cfg.public_dict(), "mixture_sha256": mixture_digest(cfg.dataset_name)}
+
+
+def mixture_digest(dataset_name: str) -> str | None:
+    """A mixture file's contents: editing it changes what is trained, though dataset_name stays the same."""
+    path = Path(dataset_name)
+    if path.suffix.lower() in (".yaml", ".yml") and path.is_file():
+        return hashlib.sha256(path.read_bytes()).hexdigest()
+    return None
 
 
 # Settings that change what is being trained: resuming across a change would mix two runs.
@@ -73,9 +83,12 @@ IDENTITY = ("whisper_pretrained", "lang", "task", "dataset_name", "dataset_confi
 def resume_state(saved: dict[str, Any], cfg: Config, say) -> dict[str, Any]:
     before = saved.get("config", {})
     changed = [k for k in IDENTITY if k in before and before[k] != getattr(cfg, k)]
+    if saved.get("mixture_sha256") != mixture_digest(cfg.dataset_name):
+        changed.append("the sources listed in " + cfg.dataset_name)
     if changed:
         raise RunStopped("the checkpoints in " + cfg.checkpoint_dir + " belong to a different run: " +
-                         "; ".join(f"{k} was {before[k]!r}, now {getattr(cfg, k)!r}" for k in changed) +
+                         "; ".join(f"{k} was {before[k]!r}, now {getattr(cfg, k)!r}" if k in IDENTITY else
+                                   f"{k} changed" for k in changed) +
                          ". Set a new checkpoint_name (or checkpoint_dir) to start a fresh run.", 2)
     noted = [k for k, v in before.items() if k not in IDENTITY and k in cfg.public_dict() and cfg.public_dict()[k] != v]
     if noted:
