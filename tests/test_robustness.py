@@ -126,3 +126,52 @@ def test_edited_mixture_file_on_resume_is_refused(tiny_model, tmp_path):
     proc = run_train(cfg, tmp_path)
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert f"the sources listed in {mixture} changed" in proc.stderr
+
+
+def wait_for_text(proc: subprocess.Popen, text: str, timeout: float = 120) -> str:
+    seen, deadline = "", time.time() + timeout
+    while text not in seen:
+        assert time.time() < deadline and proc.poll() is None, seen[-2000:]
+        seen += proc.stderr.readline()
+    return seen
+
+
+def test_signal_during_evaluation_abandons_it_and_the_resume_evaluates_again(tiny_model, tmp_path):
+    out = tmp_path / "run"
+    cfg = base_config(tiny_model, out, max_steps=1000, save_steps=1000, eval_steps=1000, eval_at_start=True,
+                      predict_with_generate=True, generation_max_length=200, per_device_eval_batch_size=1,
+                      metric_for_best_model="wer")
+    proc = start(cfg, tmp_path)
+    wait_for_text(proc, "evaluation samples")  # printed just before the step-0 evaluation starts
+    time.sleep(1.0)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 3, err[-2000:]
+    assert "during the evaluation at step 0" in err
+    assert not (out / "metrics.jsonl").exists() or "eval_wer" not in (out / "metrics.jsonl").read_text()
+    resumed = run_train({**cfg, "generation_max_length": 8}, tmp_path, "--stop-at-step", "1")
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    rows = metrics(out)
+    assert [r["step"] for r in rows if "eval_wer" in r] == [0] and rows[-1]["step"] == 1
+
+
+def test_a_second_signal_exits_at_once():
+    """The handler itself: the first signal asks for a save at the next step, the second exits now."""
+    import pytest
+
+    from whisper_ft.stopping import GracefulStop
+
+    class OneProcess:
+        device = "cpu"
+
+    previous = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        stop = GracefulStop(OneProcess())
+        os.kill(os.getpid(), signal.SIGINT)
+        assert stop.requested()
+        with pytest.raises(SystemExit) as exited:
+            os.kill(os.getpid(), signal.SIGINT)
+        assert exited.value.code == 128 + signal.SIGINT
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
