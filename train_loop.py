@@ -206,8 +206,9 @@ def train(cfg: Config) -> int:
         state["samples_seen"] += samples
         state["audio_seconds_seen"] += seconds
         window.add(step_loss, samples)
+        bar.set_postfix(loss=f"{step_loss:.3f}", lr=f"{lr:.2e}", sps=f"{window.samples_per_second():.1f}",
+                        refresh=False)  # drawn by update(), at most once a minute in a log file
         bar.update(1)
-        bar.set_postfix(loss=f"{step_loss:.3f}", lr=f"{lr:.2e}", sps=f"{window.samples_per_second():.1f}")
 
         if step % cfg.logging_steps == 0 or step == cfg.max_steps:
             log.log(step, {"loss": window.mean_loss(), "lr": lr, "grad_norm": None if grad_norm is None else
