@@ -199,17 +199,6 @@ class RecordDataset(torch.utils.data.Dataset):
         return self.prepare(self.records[i])
 
 
-class StreamDataset(torch.utils.data.IterableDataset):
-    """Streamed Hub records -> prepared samples; position saved via the stream's own state_dict."""
-
-    def __init__(self, stream, prepare: Prepare):
-        self.stream, self.prepare = stream, prepare
-
-    def __iter__(self) -> Iterator:
-        for record in self.stream:
-            yield self.prepare(record)
-
-
 # ---------------------------------------------------------------------------------------------
 # Order
 
