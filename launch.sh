@@ -8,8 +8,12 @@ gpu="${1:-0}"
 [ $# -gt 0 ] && shift
 config="${CONFIG:-config.yaml}"
 log="${LOG:-train.log}"
-nohup accelerate launch --num_processes 1 --gpu_ids "$gpu" train_loop.py --config "$config" "$@" >>"$log" 2>&1 &
+# setsid: the launcher and the training process share a new process group, so one signal to the group
+# reaches the trainer itself (accelerate's launcher does not forward SIGTERM to it).
+setsid nohup accelerate launch --num_processes 1 --gpu_ids "$gpu" train_loop.py --config "$config" "$@" \
+  >>"$log" 2>&1 </dev/null &
 pid=$!
 echo "$pid" > train.pid
-echo "started training on GPU $gpu as PID $pid (config $config), logging to $log"
-echo "follow it:  tail -f $log        stop it (saves a checkpoint first):  kill $pid"
+echo "started training on GPU $gpu as process group $pid (config $config), logging to $log"
+echo "follow it:  tail -f $log"
+echo "stop it (saves a checkpoint first):  kill -TERM -- -$pid"
