@@ -50,7 +50,7 @@ def train(cfg: Config) -> int:
     from tqdm.auto import tqdm
 
     from whisper_ft import batches, checkpoint, run, stopping
-    from whisper_ft.collate import Collator
+    from whisper_ft.collate import Collator, decoder_inputs
     from whisper_ft.data import BadCounter, Prepare
     from whisper_ft.evaluation import evaluate, token_loss_sum
     from whisper_ft.languages import resolve
@@ -112,7 +112,7 @@ def train(cfg: Config) -> int:
         if cfg.predict_with_generate else None
     stopper = stopping.GracefulStop(accelerator)
     nan_steps = stopping.injected_nan_steps()
-    shift_right = batches.decoder_inputs(accelerator.unwrap_model(model).config)
+    shift_right = decoder_inputs(accelerator.unwrap_model(model).config)
 
     def do_eval(step: int) -> None:
         metrics, rows, eval_bad = evaluate(model, eval_loader, processor.tokenizer, accelerator,

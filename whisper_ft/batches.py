@@ -6,10 +6,11 @@ the run's state, reporting and stopping logic; evaluate.py uses its eval_loader 
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
+from whisper_ft.collate import IGNORE_INDEX
 from whisper_ft.config import Config
 from whisper_ft.data import Bad, DataError, RecordDataset
 from whisper_ft.sources import load_records
@@ -184,7 +185,7 @@ def train_batches(records, prepare, collate, cfg: Config, rank: int, world: int,
 
 def step_totals(micro: list[dict[str, Any]], accelerator) -> tuple[int, int, float, int, int]:
     """(label tokens, samples, audio seconds, bad samples, samples drawn) of one optimizer step, all processes."""
-    local = [sum(int((mb["labels"] != -100).sum()) for mb in micro if mb["ids"]),
+    local = [sum(int((mb["labels"] != IGNORE_INDEX).sum()) for mb in micro if mb["ids"]),
              sum(len(mb["ids"]) for mb in micro), sum(mb["seconds"] for mb in micro),
              sum(len(mb["bad"]) for mb in micro), sum(len(mb["ids"]) + len(mb["bad"]) for mb in micro)]
     tokens, samples, seconds, bad, seen = accelerator.reduce(
@@ -204,11 +205,4 @@ def batch_or_placeholder(batch, model, device):
         return batch["input_features"].to(device), batch["labels"].to(device)
     config = model.module.config if hasattr(model, "module") else model.config
     features = torch.zeros(1, config.num_mel_bins, 2 * config.max_source_positions, device=device)
-    return features, torch.full((1, 1), -100, dtype=torch.long, device=device)
-
-
-def decoder_inputs(config) -> Callable[[torch.Tensor], torch.Tensor]:
-    """labels -> decoder input ids: <|startoftranscript|> first, -100 padding turned into pad tokens."""
-    from transformers.models.whisper.modeling_whisper import shift_tokens_right
-
-    return lambda labels: shift_tokens_right(labels, config.pad_token_id, config.decoder_start_token_id)
+    return features, torch.full((1, 1), IGNORE_INDEX, dtype=torch.long, device=device)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -30,3 +30,13 @@ class Collator:
         width = max(len(x) for x in labels)
         batch["labels"] = torch.tensor([x + [IGNORE_INDEX] * (width - len(x)) for x in labels], dtype=torch.long)
         return batch
+
+
+def decoder_inputs(config) -> Callable[[torch.Tensor], torch.Tensor]:
+    """labels -> decoder input ids: <|startoftranscript|> put back first, -100 padding turned into pad tokens.
+
+    The model gets these instead of labels, so it does not compute a mean loss of its own that we would discard.
+    """
+    from transformers.models.whisper.modeling_whisper import shift_tokens_right
+
+    return lambda labels: shift_tokens_right(labels, config.pad_token_id, config.decoder_start_token_id)

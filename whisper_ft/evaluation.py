@@ -10,9 +10,8 @@ import jiwer
 import torch
 import torch.nn.functional as F
 from accelerate.utils import gather_object
-from transformers.models.whisper.modeling_whisper import shift_tokens_right
 
-from whisper_ft.collate import IGNORE_INDEX
+from whisper_ft.collate import IGNORE_INDEX, decoder_inputs
 
 
 def normalize(text: str) -> str:
@@ -62,6 +61,7 @@ def evaluate(model, loader, tokenizer, accelerator, *, generate_kwargs: dict[str
     was_training = model.training
     model.eval()
     unwrapped = accelerator.unwrap_model(model)
+    shift_right = decoder_inputs(unwrapped.config)
     rows, bad, loss_sum, tokens = [], [], 0.0, 0
     for batch in loader:
         if should_stop():
@@ -72,8 +72,7 @@ def evaluate(model, loader, tokenizer, accelerator, *, generate_kwargs: dict[str
         features = batch["input_features"].to(accelerator.device)
         labels = batch["labels"].to(accelerator.device)
         with accelerator.autocast():
-            logits = unwrapped(input_features=features, decoder_input_ids=shift_tokens_right(
-                labels, unwrapped.config.pad_token_id, unwrapped.config.decoder_start_token_id)).logits
+            logits = unwrapped(input_features=features, decoder_input_ids=shift_right(labels)).logits
         loss_sum += token_loss_sum(logits, labels).item()
         tokens += int((labels != IGNORE_INDEX).sum())
         references = tokenizer.batch_decode(labels.masked_fill(labels == IGNORE_INDEX, tokenizer.eos_token_id),
