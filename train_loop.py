@@ -15,26 +15,37 @@ import os
 import sys
 from pathlib import Path
 
-from whisper_ft.config import Config, ConfigError, dump_yaml, load_config
+from whisper_ft.config import Config, ConfigError, config_warnings, dump_yaml, load_config, trackers
 
 EXIT_CONFIG, EXIT_ERROR, EXIT_STOPPED = 2, 1, 3
 
 
 def main(argv: list[str] | None = None) -> int:
+    # Everything that can be checked without the model and data is checked first: a wrong GPU, token or
+    # setting must stop the run in seconds, not after the model has loaded or a night has passed.
     try:
         cfg = load_config(argv)
+        from whisper_ft import device
+        on_cpu = device.choose(cfg)  # before anything touches CUDA
     except ConfigError as e:
         print(f"whisper-ft: the configuration has problems:\n{e}", file=sys.stderr)
         return EXIT_CONFIG
-    if cfg.gpu_device and "LOCAL_RANK" not in os.environ:  # plain `python train_loop.py -g 1`
-        os.environ["CUDA_VISIBLE_DEVICES"] = cfg.gpu_device
+    from whisper_ft import hub
+    try:
+        token_note = hub.check_token(cfg, offline=bool(os.environ.get("HF_HUB_OFFLINE")))
+    except hub.HubError as e:
+        print(f"whisper-ft: {e}", file=sys.stderr)
+        return EXIT_CONFIG
+    if os.environ.get("LOCAL_RANK", "0") == "0":
+        for note in ["warning: " + w for w in config_warnings(cfg)] + ([token_note] if token_note else []):
+            print(f"whisper-ft: {note}", file=sys.stderr, flush=True)
     from whisper_ft.checkpoint import CheckpointError
     from whisper_ft.data import DataError
     from whisper_ft.model import ModelError
     from whisper_ft.stopping import RunStopped
 
     try:
-        return train(cfg)
+        return train(cfg, on_cpu)
     except (DataError, ModelError, CheckpointError) as e:
         print(f"whisper-ft: {e}", file=sys.stderr)
         return EXIT_ERROR
@@ -43,31 +54,34 @@ def main(argv: list[str] | None = None) -> int:
         return e.exit_code
 
 
-def train(cfg: Config) -> int:
+def train(cfg: Config, on_cpu: bool = False) -> int:
     import torch
     from accelerate import Accelerator
     from accelerate.utils import DataLoaderConfiguration, set_seed
     from tqdm.auto import tqdm
 
-    from whisper_ft import batches, checkpoint, run, stopping
+    from whisper_ft import batches, checkpoint, device, run, stopping
     from whisper_ft.collate import Collator, decoder_inputs
     from whisper_ft.data import BadCounter, Prepare
     from whisper_ft.evaluation import evaluate, token_loss_sum
     from whisper_ft.languages import resolve
-    from whisper_ft.metrics_log import MetricsLog
+    from whisper_ft.metrics_log import MetricsLog, start_trackers
     from whisper_ft.model import generate_kwargs, load_whisper
     from whisper_ft.schedule import lr_at, set_lr
 
     # ---- set up: processes, model, data -----------------------------------------------------
+    out = Path(cfg.checkpoint_dir)
     accelerator = Accelerator(
-        mixed_precision=run.mixed_precision(cfg),
+        cpu=on_cpu,  # -g cpu: deliberately, whatever GPUs there are
+        mixed_precision=run.mixed_precision(cfg, on_cpu),
+        log_with=trackers(cfg) or None, project_dir=str(out),  # report_to, through accelerate's trackers
         gradient_accumulation_steps=cfg.gradient_accumulation_steps,
         # Each process reads its own shard; batches differ in shape, so nothing is dispatched (pitfall 5).
         dataloader_config=DataLoaderConfiguration(dispatch_batches=False, split_batches=False),
         step_scheduler_with_optimizer=False,  # the LR is a pure function of the step (pitfall 4)
     )
     say = run.Reporter(accelerator)
-    out = Path(cfg.checkpoint_dir)
+    say(device.describe(accelerator))
     set_seed(cfg.seed)
     lang = resolve(cfg.lang)
     processor, model = load_whisper(cfg.whisper_pretrained, lang, cfg.task, cache_dir=cfg.model_cache,
@@ -101,8 +115,8 @@ def train(cfg: Config) -> int:
         (out / "config.yaml").write_text(dump_yaml(cfg), encoding="utf-8")
     accelerator.wait_for_everyone()
 
-    log = MetricsLog(out, accelerator.is_main_process, cfg.report_to == "tensorboard",
-                     resume_step=state["step"] if resumed_from else None)
+    start_trackers(accelerator, cfg.public_dict(), resume_step=state["step"] if resumed_from else None)
+    log = MetricsLog(out, accelerator, resume_step=state["step"] if resumed_from else None)
     micro_per_step = cfg.gradient_accumulation_steps
     train_iter = batches.train_batches(train_records, prepare, collate, cfg, rank, world, start_step=state["step"])
     if resumed_from is not None and hasattr(train_iter, "load_state_dict"):

@@ -35,8 +35,10 @@ class Reporter:
             print(message, file=sys.stderr, flush=True)
 
 
-def mixed_precision(cfg: Config) -> str:
+def mixed_precision(cfg: Config, on_cpu: bool = False) -> str:
     if not (cfg.fp16 or cfg.bf16):
+        return "no"
+    if on_cpu:  # -g cpu: asked for, so no warning; fp16 autocast on the CPU would only be slower
         return "no"
     if not torch.cuda.is_available():
         warnings.warn(f"{'fp16' if cfg.fp16 else 'bf16'} asked for, but there is no CUDA device: training in fp32",
