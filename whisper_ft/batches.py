@@ -70,7 +70,8 @@ def load_data(cfg: Config, lang, prepare, say) -> tuple[Any, list]:
         if len(bad) == len(train):
             raise DataError(f"no usable training sample in {where}" + (f" ({len(bad)} unusable: {_reasons(bad)}; "
                             "first: " + "; ".join(f"{b.id} ({b.reason})" for b in bad[:3]) + ")" if bad else ""))
-        if len(train) >= 20 and len(bad) / len(train) > cfg.max_bad_sample_fraction:
+        from whisper_ft.stopping import bad_share_surely_over
+        if bad_share_surely_over(len(bad), len(train), cfg.max_bad_sample_fraction):  # the loop's rule, see there
             reason, n = Counter(b.reason for b in bad).most_common(1)[0]
             raise DataError(f"{len(bad)} of {len(train)} training samples in {where} are unusable "
                             f"({100 * len(bad) / len(train):.0f}%, over max_bad_sample_fraction "
