@@ -102,11 +102,15 @@ def train(cfg: Config, on_cpu: bool = False) -> int:
 
     # ---- resume or start ----------------------------------------------------------------------
     state = run.fresh_state(cfg)
-    resumed_from = checkpoint.find_resumable(out, say)
+    resumed_from, saved = checkpoint.resume(accelerator, out, say)  # skips unreadable checkpoints, naming them
     if resumed_from is not None:
-        state = run.resume_state(checkpoint.read_state(resumed_from), cfg, say)  # refuses another run's state
-        accelerator.load_state(str(resumed_from))
+        state = run.resume_state(saved, cfg, say)  # refuses another run's state
         bad.load_state_dict(state["bad"])
+        if state["step"] >= cfg.max_steps and (out / "config.json").is_file():  # rerun of a finished run
+            say(f"this run is finished: {resumed_from.name} is at max_steps {cfg.max_steps} and the final model is in "
+                f"{out}; nothing to do. Raise max_steps to train on, or set a new checkpoint_name for a new run.")
+            accelerator.end_training()
+            return 0
         say(f"resumed from {resumed_from} at step {state['step']}")
     elif accelerator.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
@@ -128,6 +132,8 @@ def train(cfg: Config, on_cpu: bool = False) -> int:
     nan_steps = stopping.injected_nan_steps()
     shift_right = decoder_inputs(accelerator.unwrap_model(model).config)
 
+    named_eval_bad: list[bool] = []
+
     def do_eval(step: int) -> None:
         metrics, rows, eval_bad = evaluate(model, eval_loader, processor.tokenizer, accelerator,
                                            generate_kwargs=gen_kwargs, should_stop=stopper.requested)
@@ -138,6 +144,11 @@ def train(cfg: Config, on_cpu: bool = False) -> int:
                                       "Rerun the same command to resume.")
         state["pending_eval"] = False
         metrics["eval_bad_samples"] = len(eval_bad)
+        if eval_bad and not named_eval_bad:  # the same samples fail at every evaluation: name them once
+            say(f"evaluation skipped {len(eval_bad)} unusable samples: {batches.reasons(eval_bad)}; first: "
+                + "; ".join(f"{b.id} ({b.reason}{', ' + b.detail if b.detail else ''})" for b in eval_bad[:5]),
+                to_bar=True)
+            named_eval_bad.append(True)
         log.log(step, metrics)
         log.text(step, "eval/samples", run.samples_table(rows[:8]))
         if step == 0:
@@ -165,7 +176,7 @@ def train(cfg: Config, on_cpu: bool = False) -> int:
         do_eval(state["step"])
     model.train()
     bar = tqdm(total=cfg.max_steps, initial=state["step"], disable=not accelerator.is_main_process,
-               desc="training", dynamic_ncols=True,
+               desc="training", dynamic_ncols=True, file=run.bar_file(),
                mininterval=1 if sys.stderr.isatty() else 60)  # a log file gets a line a minute, not a flood
     window = run.Window()
     while state["step"] < cfg.max_steps:
