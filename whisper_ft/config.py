@@ -196,7 +196,7 @@ def _coerce(key: str, raw: Any) -> Any:
     """Convert a YAML or command-line value to the field's type, or raise a ValueError naming the key."""
     kind = FIELD_TYPES[key]
     if raw is None:
-        return getattr(Config(), key) if kind != "str" else ""
+        return getattr(Config(), key) if kind != "str" or key == "report_to" else ""
     if kind == "bool":
         if isinstance(raw, bool):
             return raw
