@@ -32,7 +32,8 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_CONFIG
     from whisper_ft import hub
     try:
-        token_note = hub.check_token(cfg, offline=bool(os.environ.get("HF_HUB_OFFLINE")))
+        token_note = hub.check_token(cfg, offline=os.environ.get("HF_HUB_OFFLINE", "").upper() in
+                                     ("1", "ON", "YES", "TRUE"))
     except hub.HubError as e:
         print(f"whisper-ft: {e}", file=sys.stderr)
         return EXIT_CONFIG

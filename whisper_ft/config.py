@@ -50,7 +50,7 @@ class Config:
     streaming: bool = False  # stream a Hub dataset instead of downloading it whole
     max_train_samples: int = 0  # use at most this many training samples (0 = all); for quick trials
     max_eval_samples: int = 0  # evaluate on at most this many samples (0 = all)
-    max_bad_sample_fraction: float = 0.05  # stop when the unusable share is surely (99.9% bound) above this
+    max_bad_sample_fraction: float = 0.05  # stop when the unusable share is surely (99.99%, binomial test) above this
     # --- output ------------------------------------------------------------------------------
     checkpoint_name: str = ""  # run name; default <model_name>-<lang>
     checkpoint_dir: str = ""  # where checkpoints, logs and the final model go; default ./checkpoints/<checkpoint_name>
