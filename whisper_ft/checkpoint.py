@@ -151,7 +151,7 @@ def find_resumable(root: Path, say, skip: set[Path] = frozenset()) -> Path | Non
         try:
             read_state(path)
         except (OSError, ValueError, KeyError) as e:
-            say(f"skipping {path.name}: unreadable ({e})")
+            say(f"skipping {path.name}: unreadable ({STATE_FILE}: {e})")
             continue
         problem = unreadable_file(path)
         if problem:
