@@ -103,9 +103,10 @@ def train(cfg: Config, on_cpu: bool = False) -> int:
 
     # ---- resume or start ----------------------------------------------------------------------
     state = run.fresh_state(cfg)
-    resumed_from, saved = checkpoint.resume(accelerator, out, say)  # skips unreadable checkpoints, naming them
+    # The newest readable checkpoint (unreadable ones are named and skipped); another run's is refused.
+    resumed_from, saved = checkpoint.resume(accelerator, out, say, accept=lambda s: run.resume_state(s, cfg, say))
     if resumed_from is not None:
-        state = run.resume_state(saved, cfg, say)  # refuses another run's state
+        state = saved
         bad.load_state_dict(state["bad"])
         if state["step"] >= cfg.max_steps and (out / "config.json").is_file():  # rerun of a finished run
             say(f"this run is finished: {resumed_from.name} is at max_steps {cfg.max_steps} and the final model is in "

@@ -204,10 +204,12 @@ def unreadable_file(folder: Path) -> str | None:
     return None
 
 
-def resume(accelerator, root: Path, say) -> tuple[Path | None, dict[str, Any] | None]:
+def resume(accelerator, root: Path, say, accept=lambda state: state) -> tuple[Path | None, dict[str, Any] | None]:
     """Load the newest loadable checkpoint into the accelerator's model and optimizer: (its path, its state).
 
-    A checkpoint that passes find_resumable's checks but still fails to load (damaged tensor data) is
+    `accept(state)` sees the checkpoint's state before anything is loaded and returns the state to go on
+    with, or raises (another run's checkpoint must be refused, not half-loaded into this model). A
+    checkpoint that passes find_resumable's checks but still fails to load (damaged tensor data) is
     reported by name and the next older one is loaded instead; the later load overwrites everything the
     failed one may have half-loaded.
     """
@@ -216,9 +218,10 @@ def resume(accelerator, root: Path, say) -> tuple[Path | None, dict[str, Any] | 
         path = find_resumable(root, say, skip=failed)
         if path is None:
             return None, None
+        state = accept(read_state(path))
         try:
             accelerator.load_state(str(path))
-            return path, read_state(path)
+            return path, state
         except Exception as e:  # safetensors, torch and pickle raise many types for a damaged file
             say(f"skipping {path.name}: could not be loaded ({type(e).__name__}: {str(e).splitlines()[0][:200]})")
             failed.add(path)

@@ -128,7 +128,7 @@ def build_parser() -> argparse.ArgumentParser:
         flags = [SHORT_FLAGS[f.name]] if f.name in SHORT_FLAGS else []
         flags += [GUIDE_LONG_FLAGS[f.name]] if f.name in GUIDE_LONG_FLAGS else []
         flags.append("--" + f.name.replace("_", "-"))
-        comment = _comments().get(f.name, "")
+        comment = _comments().get(f.name, "").replace("%", "%%")  # argparse formats help with %
         if f.type == "bool":
             p.add_argument(*flags, dest=f.name, action=argparse.BooleanOptionalAction, help=comment)
         elif f.name == "report_to":  # --report-to tensorboard wandb, or --report-to tensorboard,wandb
