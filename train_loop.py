@@ -22,7 +22,7 @@ EXIT_CONFIG, EXIT_ERROR, EXIT_STOPPED = 2, 1, 3
 
 def main(argv: list[str] | None = None) -> int:
     try:
-        cfg = load_config(argv)
+        cfg = load_config(argv, training=True)
     except ConfigError as e:
         print(f"whisper-ft: the configuration has problems:\n{e}", file=sys.stderr)
         return EXIT_CONFIG
@@ -49,7 +49,7 @@ def train(cfg: Config) -> int:
     from accelerate.utils import DataLoaderConfiguration, set_seed
     from tqdm.auto import tqdm
 
-    from whisper_ft import batches, checkpoint, run, stopping
+    from whisper_ft import batches, checkpoint, run, stopping, trainable
     from whisper_ft.collate import Collator, decoder_inputs
     from whisper_ft.data import BadCounter, Prepare
     from whisper_ft.evaluation import evaluate, token_loss_sum
@@ -73,8 +73,9 @@ def train(cfg: Config) -> int:
     processor, model = load_whisper(cfg.whisper_pretrained, lang, cfg.task, cache_dir=cfg.model_cache,
                                     token=cfg.hf_token)
     model.config.use_cache = False  # caching is for generation; in training it only costs memory
-    if cfg.gradient_checkpointing:
+    if cfg.gradient_checkpointing:  # non-reentrant: works with a frozen encoder and LoRA's frozen inputs
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model = trainable.setup_model(model, cfg, say)  # SpecAugment, freeze_encoder, LoRA
     prepare = Prepare(processor.feature_extractor, processor.tokenizer)
     collate = Collator(model.config.decoder_start_token_id)
     rank, world = accelerator.process_index, accelerator.num_processes
@@ -82,9 +83,9 @@ def train(cfg: Config) -> int:
     train_records, eval_records = batches.load_data(cfg, lang, prepare, say)
     bad = BadCounter()  # unusable training samples, counted when drawn: the same on every process
 
-    # fused: one kernel for all parameters instead of several per tensor (CPU and CUDA alike)
-    optimizer = torch.optim.AdamW(run.param_groups(model, cfg.weight_decay), lr=cfg.learning_rate, fused=True)
+    optimizer = trainable.build_optimizer(model, cfg)  # AdamW (or 8-bit) over the trainable weights only
     model, optimizer = accelerator.prepare(model, optimizer)
+    trainable.keep_trainable_only(accelerator, cfg)  # checkpoints of LoRA/frozen runs skip the frozen base
 
     # ---- resume or start ----------------------------------------------------------------------
     state = run.fresh_state(cfg)
@@ -97,7 +98,8 @@ def train(cfg: Config) -> int:
     elif accelerator.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
     if accelerator.is_main_process:
-        checkpoint.check_disk(out, sum(p.numel() for p in model.parameters()), cfg.save_total_limit, say)
+        checkpoint.check_disk(out, sum(p.numel() for p in model.parameters()), cfg.save_total_limit, say,
+                              trained=sum(p.numel() for p in model.parameters() if p.requires_grad))
         (out / "config.yaml").write_text(dump_yaml(cfg), encoding="utf-8")
     accelerator.wait_for_everyone()
 
@@ -238,7 +240,8 @@ def train(cfg: Config) -> int:
         say(f"best {cfg.metric_for_best_model} {state['best_metric']:.2f} was at step {state['best_step']}; "
             "exporting that model")
     if accelerator.is_main_process:
-        checkpoint.export_model(accelerator.unwrap_model(model), processor, out)
+        # LoRA merged into the base: a plain Whisper folder (the adapter beside it with lora_save_adapter)
+        checkpoint.export_model(trainable.exportable(accelerator.unwrap_model(model), cfg, out), processor, out)
         run.finish(cfg, lang, state, bad, out, say)
         log.log(final_step, {"bad_samples_by_reason": dict(bad.counts), "bad_samples": bad.total,
                              "samples_seen": state["samples_seen"]})

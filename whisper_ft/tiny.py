@@ -58,8 +58,13 @@ def _merges_of(bpe: Tokenizer) -> list:
 
 
 def build(out_dir: str | Path, texts: list[str], d_model: int = 64, layers: int = 2, seed: int = 0,
-          multilingual: bool = True, init_std: float = 0.2) -> Path:
+          multilingual: bool = True, init_std: float = 0.2, large_v3: bool = False) -> Path:
     """Write a complete tiny Whisper checkpoint (model, processor, generation config) to out_dir.
+
+    large_v3: the layout of whisper-large-v3 and large-v3-turbo, 128 mel bins (feature extractor and
+    model). Its special tokens, 100 languages with <|yue|> last, so every token after the languages is
+    one further than in the 99-language v1/v2 checkpoints (vocab 51866 instead of 51865), are what
+    transformers' language list gives every tiny model here.
 
     init_std 0.2, not Whisper's 0.02: at width 64 the small init leaves cross-attention near uniform
     over 1500 mostly silent frames, and the model learns the transcripts' language model long before
@@ -71,8 +76,9 @@ def build(out_dir: str | Path, texts: list[str], d_model: int = 64, layers: int 
     tok = build_tokenizer(texts, multilingual=multilingual)
     ids = {t: tok.convert_tokens_to_ids(t) for t in special_tokens(multilingual)}
     eot, sot = ids["<|endoftext|>"], ids["<|startoftranscript|>"]
+    n_mels = 128 if large_v3 else 80
     config = WhisperConfig(
-        vocab_size=len(tok), num_mel_bins=80, d_model=d_model,
+        vocab_size=len(tok), num_mel_bins=n_mels, d_model=d_model,
         encoder_layers=layers, decoder_layers=layers, encoder_attention_heads=4, decoder_attention_heads=4,
         encoder_ffn_dim=4 * d_model, decoder_ffn_dim=4 * d_model,
         max_source_positions=1500, max_target_positions=448, init_std=init_std,
@@ -92,7 +98,7 @@ def build(out_dir: str | Path, texts: list[str], d_model: int = 64, layers: int 
         del gen.task_to_id, gen.lang_to_id
     model.generation_config = gen
     model.save_pretrained(out_dir)
-    WhisperProcessor(feature_extractor=WhisperFeatureExtractor(feature_size=80), tokenizer=tok).save_pretrained(out_dir)
+    WhisperProcessor(feature_extractor=WhisperFeatureExtractor(feature_size=n_mels), tokenizer=tok).save_pretrained(out_dir)
     return out_dir
 
 
@@ -108,9 +114,11 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--d-model", type=int, default=64)
     p.add_argument("--layers", type=int, default=2)
     p.add_argument("--english-only", action="store_true", help="no language tokens, like *.en checkpoints")
+    p.add_argument("--large-v3", action="store_true", help="128 mel bins, like whisper-large-v3 and -turbo")
     args = p.parse_args(argv)
     texts = [t for path in args.texts_from for t in texts_from_tsv(path)]
-    build(args.out_dir, texts, d_model=args.d_model, layers=args.layers, multilingual=not args.english_only)
+    build(args.out_dir, texts, d_model=args.d_model, layers=args.layers, multilingual=not args.english_only,
+          large_v3=args.large_v3)
     print(f"tiny Whisper written to {args.out_dir}")
 
 
