@@ -71,7 +71,7 @@ class Config:
     optim: str = "adamw_torch"  # adamw_torch, or adamw_8bit (bitsandbytes, CUDA only): 1/4 of the optimizer memory
     # --- large models on small GPUs ----------------------------------------------------------
     freeze_encoder: bool = False  # train the decoder only; with LoRA: adapters in the decoder only
-    lora_r: int = 0  # LoRA rank; 0 = off (full fine-tune). 8-32 trains ~1% of the weights
+    lora_r: int = 0  # LoRA rank; 0 = off (full fine-tune). 8-32 trains 1-5% of the weights
     lora_alpha: float = 0.0  # LoRA scale numerator (updates scaled by lora_alpha / lora_r); 0 = 2 x lora_r
     lora_dropout: float = 0.05  # dropout on the LoRA branch's input
     lora_target_modules: str = "q_proj,k_proj,v_proj,out_proj,fc1,fc2"  # Linear layers given adapters (list or comma-separated)
