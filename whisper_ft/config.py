@@ -134,7 +134,7 @@ def build_parser() -> argparse.ArgumentParser:
     for f in fields(Config):
         flags = [SHORT_FLAGS[f.name]] if f.name in SHORT_FLAGS else []
         flags.append("--" + f.name.replace("_", "-"))
-        comment = _comments().get(f.name, "")
+        comment = _comments().get(f.name, "").replace("%", "%%")  # argparse reads % as a format
         if f.type == "bool":
             p.add_argument(*flags, dest=f.name, action=argparse.BooleanOptionalAction, help=comment)
         else:
