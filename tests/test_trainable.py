@@ -299,6 +299,11 @@ def test_large_v3_layout_trains_evaluates_and_exports(tiny_large_v3, tmp_path):
                                cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert evaluated.returncode == 0, evaluated.stderr[-3000:]
     assert json.loads((tmp_path / "e" / "summary.json").read_text())["metrics"]["eval_samples"] == 4
+    transcribed = subprocess.run([sys.executable, "-m", "whisper_ft.transcribe", "--model", str(out), "--device", "cpu",
+                                  str(CV_EN / "clips" / "common_voice_en_000001.mp3"), "--output-dir", str(tmp_path / "t"),
+                                  "--format", "json"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert transcribed.returncode == 0, transcribed.stderr[-3000:]
+    assert (tmp_path / "t" / "common_voice_en_000001.json").is_file()
     pytest.importorskip("ctranslate2")
     done = subprocess.run([sys.executable, "-m", "whisper_ft.export", "--model", str(out), "--quantization", "float32",
                            "--output-dir", str(tmp_path / "ct2"), "--verify",
