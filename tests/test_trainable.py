@@ -111,10 +111,14 @@ def test_spec_augment_masks_features_only_in_training(tiny_model):
 
 def test_lora_resume_is_step_exact_with_spec_augment(tiny_model, tmp_path):
     """LoRA with dropout and SpecAugment (both draw random numbers) and accumulation: 6 steps straight ==
-    2 + resume + 2 + resume + 2, bit for bit; checkpoints hold the adapter weights only."""
+    2 + resume + 2 + resume + 2, bit for bit; checkpoints hold the adapter weights only; the best
+    checkpoint is reloaded through them and exported merged."""
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    # greater_is_better on the loss picks the worst step as "best": an earlier step than the last, so the
+    # export goes through the best-model reload (accelerator.load_state of an adapter-only checkpoint)
     cfg = dict(gradient_accumulation_steps=2, save_steps=2, eval_steps=2, max_steps=6, save_total_limit=0,
-               lora_r=4, lora_dropout=0.1, apply_spec_augment=True, mask_time_prob=0.2, mask_feature_prob=0.2)
+               lora_r=4, lora_dropout=0.1, apply_spec_augment=True, mask_time_prob=0.2, mask_feature_prob=0.2,
+               greater_is_better=True)
     proc = run_train(base_config(tiny_model, straight, **cfg), tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     # rank 4 adds 4 x (in + out) per Linear: per encoder layer 4 x 64x64 attention + 64x256 + 256x64 = 4608,
@@ -134,6 +138,21 @@ def test_lora_resume_is_step_exact_with_spec_augment(tiny_model, tmp_path):
     assert len(optimizer["state"]) == len(a)  # AdamW moments for the adapter only
     x, y = load_file(straight / "model.safetensors"), load_file(resumed / "model.safetensors")
     assert all(torch.equal(x[k], y[k]) for k in x)  # and so the merged exports are identical too
+
+    # the export is the base merged with the adapter of the best checkpoint, not of the last one
+    from transformers import WhisperForConditionalGeneration
+
+    from whisper_ft import trainable
+
+    best = json.loads((straight / "checkpoint-6" / "trainer_state.json").read_text())["best_step"]
+    assert best in (2, 4) and "exporting that model" in proc.stderr
+    model = trainable.add_lora(WhisperForConditionalGeneration.from_pretrained(tiny_model),
+                               Config(lora_r=4, lora_dropout=0.1))
+    adapter = load_file(straight / f"checkpoint-{best}" / "model.safetensors")
+    assert not model.load_state_dict(adapter, strict=False).unexpected_keys
+    merged = model.merge_and_unload().state_dict()
+    assert x.keys() <= merged.keys() and all(torch.equal(x[k], merged[k]) for k in x)
+    assert not torch.equal(adapter[next(iter(adapter))], a[next(iter(adapter))])  # the last step's differs
 
 
 def test_resuming_with_another_training_mode_is_refused():
@@ -171,21 +190,24 @@ NO_PEFT = "import sys; sys.modules['peft'] = None  # written by test_trainable: 
 
 
 def test_lora_learns_and_exports_a_plain_whisper_that_loads_without_peft(tiny_model, tmp_path):
-    """A LoRA run lowers WER; the best step is exported merged, and loads and transcribes where peft cannot
-    be imported, with the logits of base + adapter."""
+    """A LoRA run lowers the eval loss; the export is the adapter merged into the base, and it loads,
+    evaluates, transcribes and exports to CTranslate2 where peft cannot be imported, with the logits of
+    base + adapter.
+
+    Eval loss, not WER: from the random tiny model (or one fine-tuned for 40 steps), LoRA with rank 16
+    brings the eval loss from 9.2 to 1.1 in 150 steps, but greedy decoding still loops past the reference
+    (WER 100% -> 466%); only a full fine-tune reaches the point where the tiny model stops on time.
+    """
     out = tmp_path / "lora"
     cfg = base_config(tiny_model, out, lora_r=16, lora_dropout=0.0, lora_save_adapter=True,
-                      per_device_train_batch_size=8, learning_rate=5e-3, warmup_steps=20, max_steps=150,
-                      eval_steps=50, save_steps=50, logging_steps=10, eval_at_start=True,
-                      predict_with_generate=True, generation_max_length=24, metric_for_best_model="wer",
+                      per_device_train_batch_size=8, learning_rate=5e-3, warmup_steps=10, max_steps=40,
+                      eval_steps=40, save_steps=40, logging_steps=10, eval_at_start=True,
                       eval_split="train", max_eval_samples=16)
     proc = run_train(cfg, tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    evals = [r for r in metrics(out) if "eval_wer" in r]
-    assert evals[0]["step"] == 0 and evals[0]["eval_wer"] >= 90
-    best = min(evals[1:], key=lambda r: r["eval_wer"])
-    assert best["eval_wer"] < 50, evals
-    assert json.loads((out / "checkpoint-150" / "trainer_state.json").read_text())["best_step"] == best["step"]
+    evals = [r for r in metrics(out) if "eval_loss" in r]
+    assert [r["step"] for r in evals] == [0, 40]
+    assert evals[0]["eval_loss"] > 8 and evals[1]["eval_loss"] < evals[0]["eval_loss"] / 3, evals
     assert (out / "adapter" / "adapter_config.json").is_file()
     assert not any("lora" in k for k in load_file(out / "model.safetensors"))
 
@@ -236,11 +258,12 @@ print("pipeline", type(asr(audio, generate_kwargs={{"max_new_tokens": 8}})["text
     # the project's own tools, still without peft
     evaluated = subprocess.run([sys.executable, "-m", "whisper_ft.evaluate", "--config", str(out / "config.yaml"),
                                 "--model", str(out), "--split", "train", "--max-eval-samples", "16",
-                                "--output-dir", str(tmp_path / "eval")],
+                                "--generation-max-length", "8", "--output-dir", str(tmp_path / "eval")],
                                cwd=ROOT, capture_output=True, text=True, env=env, timeout=300)
     assert evaluated.returncode == 0, evaluated.stderr[-3000:]
     summary = json.loads((tmp_path / "eval" / "summary.json").read_text())
-    assert summary["metrics"]["eval_wer"] == pytest.approx(best["eval_wer"])
+    assert summary["metrics"]["eval_samples"] == 16
+    assert summary["metrics"]["eval_loss"] == pytest.approx(evals[1]["eval_loss"], rel=1e-4)  # the trained model
     transcribed = subprocess.run([sys.executable, "-m", "whisper_ft.transcribe", "--model", str(out),
                                   str(CV_EN / "clips" / "common_voice_en_000001.mp3"), "--output-dir",
                                   str(tmp_path / "tx"), "--device", "cpu"],
