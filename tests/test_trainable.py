@@ -73,6 +73,20 @@ def test_lora_target_modules_take_a_list_or_a_string(tmp_path):
         load_config(["--config", str(path)], env={})
 
 
+def test_unknown_lora_target_or_too_long_feature_mask_is_a_model_error(tiny_model):
+    from transformers import WhisperForConditionalGeneration
+
+    from whisper_ft import trainable
+    from whisper_ft.model import ModelError
+
+    model = WhisperForConditionalGeneration.from_pretrained(tiny_model)
+    with pytest.raises(ModelError, match="q_porj is not a Linear layer of this model; its Linear layers are "
+                                         "fc1, fc2, k_proj, out_proj, proj_out, q_proj, v_proj"):
+        trainable.setup_model(model, Config(lora_r=4, lora_target_modules="q_porj,v_proj"), print)
+    with pytest.raises(ModelError, match="mask_feature_length 81 exceeds the model's 80 mel bins"):
+        trainable.setup_model(model, Config(apply_spec_augment=True, mask_feature_length=81), print)
+
+
 # ---- SpecAugment ------------------------------------------------------------------------------------
 
 

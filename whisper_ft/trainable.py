@@ -63,15 +63,17 @@ def add_lora(model, cfg: Config):
 
     from whisper_ft.model import ModelError
 
+    # peft only fails when no name matches at all: a typo beside a valid name would silently adapt less
+    linear = {name.rsplit(".", 1)[-1] for name, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
+    unknown = [m for m in target_modules(cfg) if m not in linear]
+    if unknown:
+        raise ModelError(f"lora_target_modules: {', '.join(unknown)} {'is' if len(unknown) == 1 else 'are'} not a "
+                         f"Linear layer of this model; its Linear layers are {', '.join(sorted(linear))}")
     lora = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha or 2 * cfg.lora_r, lora_dropout=cfg.lora_dropout,
                       target_modules=target_modules(cfg), bias="none",
                       # a full-match regex on module paths such as model.encoder.layers.0.self_attn.q_proj
                       exclude_modules=r"model\.encoder\..*" if cfg.freeze_encoder else None)
-    try:
-        return get_peft_model(model, lora)
-    except ValueError as e:  # e.g. "Target modules {'qkv'} not found in the base model"
-        raise ModelError(f"LoRA: {str(e).splitlines()[0][:300]} (lora_target_modules names Linear layers of "
-                         "Whisper: q_proj, k_proj, v_proj, out_proj, fc1, fc2)") from None
+    return get_peft_model(model, lora)
 
 
 def build_optimizer(model, cfg: Config):
