@@ -216,7 +216,8 @@ def train(cfg: Config) -> int:
             log.log(step, {"loss": window.mean_loss(), "lr": lr, "grad_norm": None if grad_norm is None else
                            float(grad_norm), "samples_per_second": window.samples_per_second(),
                            "epoch": state["samples_seen"] / len(train_records) if isinstance(train_records, list) else None,
-                           "bad_samples": bad.total, "nonfinite_steps": state["nonfinite_steps"]})
+                           "bad_samples": bad.total, "nonfinite_steps": state["nonfinite_steps"],
+                           "gpu_memory_gb": run.peak_gpu_memory_gb()})
             window = run.Window()
         stopping.check_bad_fraction(bad, cfg, say, on_stop=lambda: save(step))
         evaluated = cfg.eval_strategy == "steps" and (step % cfg.eval_steps == 0 or step == cfg.max_steps)

@@ -55,6 +55,11 @@ def param_groups(model, weight_decay: float) -> list[dict[str, Any]]:
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
+def peak_gpu_memory_gb() -> float | None:
+    """Peak GPU memory this process allocated so far (None without CUDA): what decides the card a run fits."""
+    return round(torch.cuda.max_memory_allocated() / 1e9, 2) if torch.cuda.is_available() else None
+
+
 def improves(value: float | None, best: float | None, greater_is_better: bool) -> bool:
     if value is None:
         return False

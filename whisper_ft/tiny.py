@@ -58,13 +58,15 @@ def _merges_of(bpe: Tokenizer) -> list:
 
 
 def build(out_dir: str | Path, texts: list[str], d_model: int = 64, layers: int = 2, seed: int = 0,
-          multilingual: bool = True, init_std: float = 0.2, large_v3: bool = False) -> Path:
+          multilingual: bool = True, init_std: float = 0.2, large_v3: bool = False, heads: int = 4,
+          vocab_size: int = 0) -> Path:
     """Write a complete tiny Whisper checkpoint (model, processor, generation config) to out_dir.
 
     large_v3: the layout of whisper-large-v3 and large-v3-turbo, 128 mel bins (feature extractor and
     model). Its special tokens, 100 languages with <|yue|> last, so every token after the languages is
     one further than in the 99-language v1/v2 checkpoints (vocab 51866 instead of 51865), are what
     transformers' language list gives every tiny model here.
+    heads and vocab_size (0 = the tokenizer's) let bench/ build a model of a real Whisper's shape.
 
     init_std 0.2, not Whisper's 0.02: at width 64 the small init leaves cross-attention near uniform
     over 1500 mostly silent frames, and the model learns the transcripts' language model long before
@@ -78,8 +80,8 @@ def build(out_dir: str | Path, texts: list[str], d_model: int = 64, layers: int 
     eot, sot = ids["<|endoftext|>"], ids["<|startoftranscript|>"]
     n_mels = 128 if large_v3 else 80
     config = WhisperConfig(
-        vocab_size=len(tok), num_mel_bins=n_mels, d_model=d_model,
-        encoder_layers=layers, decoder_layers=layers, encoder_attention_heads=4, decoder_attention_heads=4,
+        vocab_size=max(vocab_size, len(tok)), num_mel_bins=n_mels, d_model=d_model,
+        encoder_layers=layers, decoder_layers=layers, encoder_attention_heads=heads, decoder_attention_heads=heads,
         encoder_ffn_dim=4 * d_model, decoder_ffn_dim=4 * d_model,
         max_source_positions=1500, max_target_positions=448, init_std=init_std,
         pad_token_id=eot, bos_token_id=eot, eos_token_id=eot, decoder_start_token_id=sot,
