@@ -32,7 +32,7 @@ def setup_model(model, cfg: Config, say):
         model = add_lora(model, cfg)
     n_all = sum(p.numel() for p in model.parameters())
     n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    if n_train < n_all:
+    if cfg.lora_r or cfg.freeze_encoder:
         say(f"training {n_train:,} of {n_all:,} parameters ({100 * n_train / n_all:.2f}%)"
             + (f"; LoRA rank {cfg.lora_r} on {cfg.lora_target_modules}" if cfg.lora_r else "")
             + ("; encoder frozen" if cfg.freeze_encoder else ""))
