@@ -65,7 +65,7 @@ class Config:
     seed: int = 42  # seeds data order, dropout and initialisation
     gradient_checkpointing: str = "true"  # recompute activations in backward: true (all layers), encoder (its 1500 frames hold most of the memory), false (fastest)
     fp16: bool = True  # float16 mixed precision (ignored with a warning where there is no CUDA)
-    bf16: bool = False  # bfloat16 mixed precision (Ampere or newer); not together with fp16
+    bf16: bool = False  # bfloat16 mixed precision (Ampere or newer; fp16 with a warning on older cards); not together with fp16
     dataloader_num_workers: int = 2  # processes decoding audio and computing log-mel features
     torch_compile: str = "auto"  # compile the model's forward (training) and decoder step (generation): auto = on with CUDA, true, false
     max_nonfinite_steps: int = 10  # stop after this many optimizer steps in a row with NaN/inf loss
