@@ -198,3 +198,34 @@ def test_compiled_training_matches_eager_per_step(tiny_model_1layer, tmp_path):
     assert len(losses["true"]) == len(losses["false"]) == 3
     for eager, compiled in zip(losses["false"], losses["true"]):
         assert math.isfinite(eager) and abs(compiled - eager) <= 1e-4 * abs(eager), (losses, time.perf_counter() - started)
+
+
+def test_compile_failure_falls_back_to_eager_once(tiny_model):
+    from transformers import WhisperForConditionalGeneration
+
+    from whisper_ft.speed import CompiledForward
+
+    model = WhisperForConditionalGeneration.from_pretrained(tiny_model).eval()
+    messages = []
+    forward = CompiledForward(model, enabled=True, say=messages.append)
+    assert forward.active
+
+    def broken(**inputs):
+        raise RuntimeError("backend compiler failed: no C++ compiler")
+
+    forward.compiled = broken  # what a failing compilation looks like at the first call
+    inputs = {"input_features": torch.randn(1, 80, 3000), "decoder_input_ids": torch.tensor([[1, 2, 3]])}
+    with torch.no_grad():
+        out = forward(**inputs).logits
+        again = forward(**inputs).logits
+        expected = model(**inputs).logits
+    assert torch.equal(out, expected) and torch.equal(again, expected)
+    assert not forward.active and len(messages) == 1
+    assert "compilation failed (RuntimeError: backend compiler failed" in messages[0] and "eagerly" in messages[0]
+
+    def out_of_memory(**inputs):
+        raise torch.OutOfMemoryError("CUDA out of memory")
+
+    forward.compiled = out_of_memory  # a real error is not hidden by the fallback
+    with pytest.raises(torch.OutOfMemoryError):
+        forward(**inputs)
