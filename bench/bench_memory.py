@@ -9,7 +9,8 @@ bf16 (on CUDA), no evaluation and no checkpoint; the model is a randomly initial
 chosen shape (large-v3: d_model 1280, 32+32 layers, 20 heads, 128 mel bins, vocab 51866), built once,
 so nothing is downloaded. Numbers come from the run's metrics.jsonl: samples/s of the last log window
 (the first steps, with their warm-up, are in an earlier window) and the process's peak GPU memory
-(torch.cuda.max_memory_allocated). Compare modes within one run of this script, on one card.
+(peak_gpu_memory_gb, GiB). bench_gpu.py --memory-table covers the checkpointing settings of a full
+fine-tune; this one the modes of issue 11. Compare modes within one run of this script, on one card.
 """
 
 from __future__ import annotations
@@ -32,8 +33,8 @@ MODES = {  # what each mode changes from a full fine-tune
     "lora": {"lora_r": 32, "learning_rate": 1e-4},
     "adamw_8bit": {"optim": "adamw_8bit"},
 }
-SHAPES = {"large-v3": dict(d_model=1280, layers=32, heads=20, large_v3=True, vocab_size=51866),
-          "tiny": dict(d_model=64, layers=2, heads=4, large_v3=True, vocab_size=0)}
+SHAPES = {"large-v3": dict(d_model=1280, layers=32, heads=20, num_mel_bins=128, vocab_size=51866),
+          "tiny": dict(d_model=64, layers=2, heads=4, num_mel_bins=128)}
 
 
 def main() -> None:
@@ -58,7 +59,7 @@ def main() -> None:
                    "dataset_name": str(data), "train_split": "train", "eval_strategy": "no",
                    "load_best_model_at_end": False, "per_device_train_batch_size": args.batch,
                    "learning_rate": 1e-5, "warmup_steps": 0, "max_steps": args.steps, "save_steps": 10**6,
-                   "logging_steps": max(1, args.steps // 2), "gradient_checkpointing": True, "fp16": False,
+                   "logging_steps": max(1, args.steps // 2), "gradient_checkpointing": "true", "fp16": False,
                    "bf16": not args.cpu, "report_to": "none", "dataloader_num_workers": 4, **MODES[mode]}
             path = Path(tmp) / f"{mode}.yaml"
             path.write_text(yaml.safe_dump(cfg), encoding="utf-8")
@@ -70,9 +71,9 @@ def main() -> None:
                 continue
             logged = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if '"loss"' in line]
             last = logged[-1]
-            rows.append((mode, last.get("gpu_memory_gb"), last["samples_per_second"], ""))
+            rows.append((mode, last.get("peak_gpu_memory_gb"), last["samples_per_second"], ""))
     print(f"\n{args.shape} shape, batch {args.batch}, gradient checkpointing, {'fp32 CPU' if args.cpu else 'bf16'}")
-    print("| mode | peak GPU memory (GB) | samples/s | note |\n|---|---|---|---|")
+    print("| mode | peak GPU memory (GiB) | samples/s | note |\n|---|---|---|---|")
     for mode, memory, sps, note in rows:
         print(f"| {mode} | {memory if memory is not None else '-'} | {f'{sps:.1f}' if sps else '-'} | {note} |")
 

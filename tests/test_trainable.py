@@ -300,7 +300,7 @@ def tiny_large_v3(tmp_path_factory):
     from whisper_ft import tiny
 
     texts = tiny.texts_from_tsv(CV_EN / "validated.tsv") + tiny.texts_from_tsv(CV_EN.parent / "cv-as" / "train.tsv")
-    return tiny.build(tmp_path_factory.mktemp("tiny_v3") / "model", texts, large_v3=True)
+    return tiny.build(tmp_path_factory.mktemp("tiny_v3") / "model", texts, num_mel_bins=128)
 
 
 def test_tiny_large_v3_has_the_large_v3_layout(tiny_large_v3):
