@@ -64,6 +64,9 @@ def mixed_precision(cfg: Config, on_cpu: bool = False) -> str:
         warnings.warn(f"{'fp16' if cfg.fp16 else 'bf16'} asked for, but there is no CUDA device: training in fp32",
                       stacklevel=1)
         return "no"
+    if cfg.bf16 and not torch.cuda.is_bf16_supported():  # pre-Ampere cards (V100, T4): the shipped config still runs
+        warnings.warn("bf16 asked for, but this GPU does not support it: training in fp16", stacklevel=1)
+        return "fp16"
     return "fp16" if cfg.fp16 else "bf16"
 
 
@@ -99,7 +102,9 @@ def mixture_digest(dataset_name: str) -> str | None:
 
 # Settings that change what is being trained: resuming across a change would mix two runs.
 IDENTITY = ("whisper_pretrained", "lang", "task", "dataset_name", "dataset_config", "train_split",
-            "per_device_train_batch_size", "gradient_accumulation_steps", "seed")
+            "per_device_train_batch_size", "gradient_accumulation_steps", "seed",
+            # which weights are trained, and the optimizer's state format: a checkpoint of another mode cannot load
+            "freeze_encoder", "lora_r", "lora_alpha", "lora_target_modules", "optim")
 
 
 def resume_state(saved: dict[str, Any], cfg: Config, say) -> dict[str, Any]:
@@ -120,14 +125,15 @@ def resume_state(saved: dict[str, Any], cfg: Config, say) -> dict[str, Any]:
 
 
 class Window:
-    """Loss and throughput since the last log line."""
+    """Loss and throughput (samples and label tokens of all processes) since the last log line."""
 
     def __init__(self):
-        self.start, self.losses, self.samples = time.perf_counter(), [], 0
+        self.start, self.losses, self.samples, self.tokens = time.perf_counter(), [], 0, 0
 
-    def add(self, loss: float, samples: int) -> None:
+    def add(self, loss: float, samples: int, tokens: int = 0) -> None:
         self.losses.append(loss)
         self.samples += samples
+        self.tokens += tokens
 
     def mean_loss(self) -> float:
         return sum(self.losses) / max(1, len(self.losses))
