@@ -199,3 +199,22 @@ def test_placeholder_token_with_push_to_hub_stops_before_the_model_loads(tmp_pat
 def test_placeholder_token_without_push_is_never_used():
     cfg = load_config(["--hf-token", "<your_hf_token>"], env={"HF_TOKEN": "hf_fromenv"})
     assert cfg.hf_token == "hf_fromenv"
+
+
+def test_each_gpu_asked_for_must_be_seen(monkeypatch):
+    """CUDA stops enumerating at the first missing id: CUDA_VISIBLE_DEVICES=0,5 on a 2-GPU machine shows one."""
+    from whisper_ft import device
+
+    cfg = load_config(["--gpu", ""], env={})
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(device, "_gpus_here", lambda env: "this machine's GPUs are 0: A; 1: B")
+    with pytest.raises(ConfigError, match="CUDA_VISIBLE_DEVICES=0,5 .* but this machine's GPUs are 0: A; 1: B"):
+        device.choose(cfg, {"CUDA_VISIBLE_DEVICES": "0,5"})
+    assert device.choose(cfg, {"CUDA_VISIBLE_DEVICES": "1"}) is False  # one asked, one seen
+    env = {}
+    with pytest.raises(ConfigError, match="gpu_device 1 asked for, but this machine's GPUs are"):
+        device.choose(load_config(["-g", "1"], env={}), env)
+    assert device.choose(load_config(["-g", "0"], env={}), env) is False and env["CUDA_VISIBLE_DEVICES"] == "0"
+    env = {}
+    assert device.choose(load_config(["-g", "cpu"], env={}), env) is True
+    assert env == {"CUDA_VISIBLE_DEVICES": "", "ACCELERATE_USE_CPU": "true"}

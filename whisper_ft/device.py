@@ -39,7 +39,9 @@ def choose(cfg: Config, env: dict[str, str] | None = None) -> bool:
         shown = visible.split(",") if visible else None  # ids count within an existing restriction
         env["CUDA_VISIBLE_DEVICES"] = ",".join(shown[i] if shown else str(i) for i in ids)
         return False
-    if visible and visible.strip() not in ("", "-1") and torch.cuda.device_count() == 0:
+    asked = [v for v in (visible or "").split(",") if v.strip() and v.strip() != "-1"]
+    # CUDA stops at the first id that does not exist: "0,5" on a 2-GPU machine shows one GPU, not two.
+    if asked and torch.cuda.device_count() < len(asked):
         # accelerate launch --gpu_ids N (or an exported CUDA_VISIBLE_DEVICES) naming a GPU that is not there
         raise ConfigError([f"CUDA_VISIBLE_DEVICES={visible} (set by accelerate launch --gpu_ids or your shell) asks "
                            f"for GPU {visible}, but {_gpus_here(env)}; choose a GPU that exists, or pass -g cpu to "
