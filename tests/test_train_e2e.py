@@ -77,7 +77,16 @@ def test_final_model_reloads_cleanly_with_language_and_task(tiny_model, tmp_path
     import numpy as np
     assert isinstance(asr({"raw": np.zeros(16000, np.float32), "sampling_rate": 16000}, generate_kwargs={"max_new_tokens": 5})["text"], str)
     card = (out / "README.md").read_text()
-    assert "model-index" in card and "base_model:" in card
+    assert "model-index" in card and "base_model:" not in card  # a local base: no Hub id to name
+    assert str(tiny_model) not in card.split("---")[1] and "Fine-tuned from a local model" in card
+    # Older transformers and other tools read preprocessor_config.json, not processor_config.json.
+    import shutil
+    old = tmp_path / "old-names"
+    shutil.copytree(out, old, ignore=shutil.ignore_patterns("checkpoint-*", "processor_config.json"))
+    assert (old / "preprocessor_config.json").is_file() and not (old / "processor_config.json").exists()
+    older = WhisperProcessor.from_pretrained(old)
+    assert older.feature_extractor.to_dict() == processor.feature_extractor.to_dict()
+    assert older.tokenizer("hello").input_ids == processor.tokenizer("hello").input_ids
     kept = sorted(p.name for p in out.iterdir())
     assert "checkpoint-2" in kept and "metrics.jsonl" in kept
 

@@ -37,8 +37,7 @@ class MetricsLog:
         if self.writer is not None:
             for key, value in values.items():
                 if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
-                    self.writer.add_scalar(key.replace("eval_", "eval/") if key.startswith("eval_") else f"train/{key}",
-                                           value, step)
+                    self.writer.add_scalar(tag(key), value, step)
 
     def text(self, step: int, tag: str, text: str) -> None:
         if self.enabled and self.writer is not None:
@@ -47,6 +46,13 @@ class MetricsLog:
     def close(self) -> None:
         if self.writer is not None:
             self.writer.close()
+
+
+def tag(key: str) -> str:
+    """TensorBoard tag: eval_wer -> eval/wer, eval/<set>/wer as is, loss -> train/loss."""
+    if key.startswith("eval/"):
+        return key
+    return key.replace("eval_", "eval/", 1) if key.startswith("eval_") else f"train/{key}"
 
 
 def _plain(value: Any) -> Any:
