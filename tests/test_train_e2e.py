@@ -97,14 +97,9 @@ def test_missing_dataset_is_one_clear_error(tiny_model, tmp_path):
     assert "manifest" in proc.stderr and "does not exist" in proc.stderr and "Traceback" not in proc.stderr
 
 
-def test_wer_falls_from_100_to_under_30(tiny_model, tmp_path):
+def test_wer_falls_from_100_to_under_30(learned_run):
     """The demo's recipe: a random-init tiny Whisper learns to read the committed clips."""
-    out = tmp_path / "learn"
-    cfg = base_config(tiny_model, out, per_device_train_batch_size=8, learning_rate=1e-3, warmup_steps=20,
-                      max_steps=150, eval_steps=150, save_steps=150, logging_steps=10, eval_at_start=True,
-                      predict_with_generate=True, generation_max_length=24, metric_for_best_model="wer",
-                      eval_split="train", max_eval_samples=16)
-    proc = run_train(cfg, tmp_path)
+    out, proc, _ = learned_run
     assert proc.returncode == 0, proc.stderr[-3000:]
     evals = [r for r in metrics(out) if "eval_wer" in r]
     assert evals[0]["step"] == 0 and evals[0]["eval_wer"] >= 90

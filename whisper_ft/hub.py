@@ -201,7 +201,7 @@ Framework versions: {versions(transformers.__version__, torch.__version__)}
 ## Use
 
 ```python
-import soundfile as sf  # reads WAV, FLAC, OGG and MP3 without FFmpeg
+import soundfile as sf  # pip install soundfile soxr: they read WAV, FLAC, OGG and MP3 without FFmpeg
 import soxr
 from transformers import pipeline
 
