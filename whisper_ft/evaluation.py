@@ -69,8 +69,8 @@ def evaluate(model, loader, tokenizer, accelerator, *, generate_kwargs: dict[str
         bad += batch["bad"]
         if not batch["ids"]:
             continue
-        features = batch["input_features"].to(accelerator.device)
-        labels = batch["labels"].to(accelerator.device)
+        features = batch["input_features"].to(accelerator.device, non_blocking=True)
+        labels = batch["labels"].to(accelerator.device, non_blocking=True)
         with accelerator.autocast():
             logits = unwrapped(input_features=features, decoder_input_ids=shift_right(labels)).logits
         loss_sum += token_loss_sum(logits, labels).item()
