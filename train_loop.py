@@ -22,7 +22,7 @@ EXIT_CONFIG, EXIT_ERROR, EXIT_STOPPED = 2, 1, 3
 
 def main(argv: list[str] | None = None) -> int:
     try:
-        cfg = load_config(argv)
+        cfg = load_config(argv, training=True)
     except ConfigError as e:
         print(f"whisper-ft: the configuration has problems:\n{e}", file=sys.stderr)
         return EXIT_CONFIG
@@ -49,7 +49,7 @@ def train(cfg: Config) -> int:
     from accelerate.utils import DataLoaderConfiguration, set_seed
     from tqdm.auto import tqdm
 
-    from whisper_ft import batches, checkpoint, run, speed, stopping
+    from whisper_ft import batches, checkpoint, run, speed, stopping, trainable
     from whisper_ft.collate import Collator, decoder_inputs
     from whisper_ft.data import BadCounter, Prepare
     from whisper_ft.evaluation import evaluate, token_loss_sum
@@ -72,7 +72,8 @@ def train(cfg: Config) -> int:
     lang = resolve(cfg.lang)
     processor, model = speed.load_fastest(load_whisper, cfg, lang, accelerator.mixed_precision, say)
     model.config.use_cache = False  # caching is for generation; in training it only costs memory
-    speed.set_gradient_checkpointing(model, cfg.gradient_checkpointing)
+    speed.set_gradient_checkpointing(model, cfg.gradient_checkpointing)  # non-reentrant: fine with frozen weights
+    model = trainable.setup_model(model, cfg, say)  # SpecAugment, freeze_encoder, LoRA
     compile_on = speed.compile_wanted(cfg.torch_compile)
     prepare = Prepare(processor.feature_extractor, processor.tokenizer,
                       timestamp_probability=cfg.timestamp_probability, seed=cfg.seed)
@@ -85,9 +86,9 @@ def train(cfg: Config) -> int:
     eval_sets = batches.load_eval_sets(cfg, lang, prepare, say, eval_records)  # {"eval": ...} without eval_sets
     bad = BadCounter()  # unusable training samples, counted when drawn: the same on every process
 
-    # fused: one kernel for all parameters instead of several per tensor (CPU and CUDA alike)
-    optimizer = torch.optim.AdamW(run.param_groups(model, cfg.weight_decay), lr=cfg.learning_rate, fused=True)
+    optimizer = trainable.build_optimizer(model, cfg)  # AdamW (or 8-bit) over the trainable weights only
     model, optimizer = accelerator.prepare(model, optimizer)
+    trainable.keep_trainable_only(accelerator, cfg)  # checkpoints of LoRA/frozen runs skip the frozen base
     forward = speed.CompiledForward(model, compile_on, lambda m: say(m, to_bar=True))
     say(f"attention {accelerator.unwrap_model(model).config._attn_implementation}, "
         f"torch_compile {'on' if compile_on else 'off'}, gradient checkpointing {cfg.gradient_checkpointing}, "
@@ -104,7 +105,8 @@ def train(cfg: Config) -> int:
     elif accelerator.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
     if accelerator.is_main_process:
-        checkpoint.check_disk(out, sum(p.numel() for p in model.parameters()), cfg.save_total_limit, say)
+        checkpoint.check_disk(out, sum(p.numel() for p in model.parameters()), cfg.save_total_limit, say,
+                              trained=sum(p.numel() for p in model.parameters() if p.requires_grad))
         (out / "config.yaml").write_text(dump_yaml(cfg), encoding="utf-8")
     accelerator.wait_for_everyone()
 
@@ -252,7 +254,8 @@ def train(cfg: Config) -> int:
         say(f"best {cfg.metric_for_best_model} {state['best_metric']:.2f} was at step {state['best_step']}; "
             "exporting that model")
     if accelerator.is_main_process:
-        checkpoint.export_model(accelerator.unwrap_model(model), processor, out)
+        # LoRA merged into the base: a plain Whisper folder (the adapter beside it with lora_save_adapter)
+        checkpoint.export_model(trainable.exportable(accelerator.unwrap_model(model), cfg, out), processor, out)
         worse = run.finish(cfg, lang, state, bad, out, say)
         log.log(final_step, {"bad_samples_by_reason": dict(bad.counts), "bad_samples": bad.total,
                              "samples_seen": state["samples_seen"], "worse_than_base": worse is not None,
