@@ -98,6 +98,9 @@ def export_model(unwrapped_model, processor, out_dir: Path) -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
     unwrapped_model.save_pretrained(out_dir, safe_serialization=True)
     processor.save_pretrained(out_dir)
+    # transformers 5 keeps the feature extractor's settings inside processor_config.json; older transformers,
+    # faster-whisper's converter and other tools read preprocessor_config.json. Write both.
+    processor.feature_extractor.save_pretrained(out_dir)
 
 
 @contextlib.contextmanager
