@@ -172,7 +172,7 @@ def test_lora_resume_is_step_exact_with_spec_augment(tiny_model, tmp_path):
 def test_resuming_with_another_training_mode_is_refused():
     """A checkpoint holds the trainable weights of its mode (and that optimizer's state): another mode cannot
     load it, so the run is refused as a different run, as for a changed model or data set."""
-    from whisper_ft.run import resume_state
+    from whisper_ft.state import resume_state
     from whisper_ft.stopping import RunStopped
 
     saved = {"config": Config(lora_r=4).public_dict(), "mixture_sha256": None}

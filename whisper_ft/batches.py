@@ -1,8 +1,9 @@
-"""What the training loop feeds the model: the checked train and eval records, the batches drawn from them
-(a DataLoader over a record list, or an exact-position reader over a streamed Hub dataset), the per-step
-totals and bad samples gathered across processes, and the tensors a micro-batch becomes. It is apart from
-run.py so that the whole path from the data source to the forward pass reads in one place, separate from
-the run's state, reporting and stopping logic; evaluate.py uses its eval_loader too."""
+"""What the training loop feeds the model: the checked train and eval records, the training stream drawn
+from them (MapBatches: a DataLoader over a record list; StreamBatches: an exact-position reader over a
+streamed Hub dataset; both with one interface), the per-step totals and bad samples gathered across
+processes, and the tensors a micro-batch becomes. The whole path from the data source to the forward
+pass reads here, apart from the run's state (state.py) and stopping logic (stopping.py); the evaluate
+command uses its eval_loader too."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ import torch
 
 from whisper_ft.collate import IGNORE_INDEX
 from whisper_ft.config import Config
-from whisper_ft.data import Bad, DataError, RecordDataset
+from whisper_ft.data import Bad, DataError, RecordDataset, describe, name_first, reasons
 from whisper_ft.sources import load_records
 
 
@@ -28,9 +29,6 @@ def load_data(cfg: Config, lang, prepare, say) -> tuple[Any, list]:
     here, each source with its own splits, columns and weight. Returns (train, eval): train is a
     list, or a HubStream when streaming a Hub dataset; eval is a list (a streamed eval split is read).
     """
-    from collections import Counter
-    from pathlib import Path
-
     from whisper_ft.sources import mix, read_mixture
 
     sources = read_mixture(cfg.dataset_name) or [{"name": cfg.dataset_name, "label": ""}]
@@ -55,26 +53,11 @@ def load_data(cfg: Config, lang, prepare, say) -> tuple[Any, list]:
     where = f"{cfg.dataset_name} split {cfg.train_split!r}" if len(sources) == 1 else "the mixture"
 
     bad = []
-    if isinstance(train, list):
-        if cfg.max_train_samples:
-            train = train[: cfg.max_train_samples]
-        bad = _usable(train, prepare)[1]
-        if len(bad) == len(train):
-            raise DataError(f"no usable training sample in {where}" + (f" ({len(bad)} unusable: {reasons(bad)}; "
-                            "first: " + "; ".join(f"{b.id} ({b.reason})" for b in bad[:3]) + ")" if bad else ""))
-        from whisper_ft.stopping import bad_share_surely_over
-        if bad_share_surely_over(len(bad), len(train), cfg.max_bad_sample_fraction):  # the loop's rule, see there
-            reason, n = Counter(b.reason for b in bad).most_common(1)[0]
-            raise DataError(f"{len(bad)} of {len(train)} training samples in {where} are unusable "
-                            f"({100 * len(bad) / len(train):.0f}%, over max_bad_sample_fraction "
-                            f"{cfg.max_bad_sample_fraction}); commonest reason: {reason} ({n}); first: "
-                            + "; ".join(f"{b.id} ({b.reason}{', ' + b.detail if b.detail else ''})" for b in bad[:5]))
-        files = [r.path for r in train[:2000] if r.path and r.audio_bytes is None and r.fetch is None]
-        if files and not any(Path(f).is_file() for f in files):
-            raise DataError(f"none of the {len(files)} audio files checked in {where} exists (first: {files[0]}); "
-                            "paths in a manifest are relative to the manifest's folder")
+    if isinstance(train, list):  # a streamed split's samples are only checked as they are drawn
+        train = train[: cfg.max_train_samples or None]
+        bad = _check_train(train, prepare, cfg, where)
     elif cfg.max_train_samples:
-        train.ds = train.ds.take(cfg.max_train_samples)
+        train = train.take(cfg.max_train_samples)
 
     evals, eval_bad = _checked_evals(evals, prepare, cfg, f"{cfg.dataset_name} split {cfg.eval_split!r}") \
         if not cfg.eval_sets else ([], [])
@@ -82,11 +65,9 @@ def load_data(cfg: Config, lang, prepare, say) -> tuple[Any, list]:
     say(f"data: {size} training samples ({cfg.train_split})"
         + (f", {len(evals)} evaluation samples ({cfg.eval_split})" if not cfg.eval_sets else ""))
     if bad:
-        say(f"{len(bad)} training samples are unusable and will be skipped and counted when drawn: {reasons(bad)}; "
-            "first: " + "; ".join(f"{b.id} ({b.reason})" for b in bad[:3]))
+        say(f"{len(bad)} training samples are unusable and will be skipped and counted when drawn: {describe(bad)}")
     if eval_bad:
-        say(f"skipped {len(eval_bad)} evaluation samples before starting: {reasons(eval_bad)}; first: "
-            + "; ".join(f"{b.id} ({b.reason})" for b in eval_bad[:3]))
+        say(f"skipped {len(eval_bad)} evaluation samples before starting: {describe(eval_bad)}")
     train_ids = {r.id for r in train} if isinstance(train, list) else set()
     if evals and all(r.id in train_ids for r in evals):
         say(f"warning: all {len(evals)} evaluation samples are training samples too (a manifest without a "
@@ -104,6 +85,30 @@ def load_data(cfg: Config, lang, prepare, say) -> tuple[Any, list]:
             say(f"warning: {len(dups)} exact duplicate rows (same audio and transcript) in the {what} data: they "
                 "count twice; first: " + ", ".join(dups[:3]))
     return train, evals
+
+
+def _check_train(train: list, prepare, cfg: Config, where: str) -> list[Bad]:
+    """The unusable training records; an error when none is usable, too many are, or no audio file exists."""
+    from collections import Counter
+    from pathlib import Path
+
+    from whisper_ft.stopping import bad_share_surely_over
+
+    bad = _usable(train, prepare)[1]
+    if len(bad) == len(train):
+        raise DataError(f"no usable training sample in {where}"
+                        + (f" ({len(bad)} unusable: {describe(bad)})" if bad else ""))
+    if bad_share_surely_over(len(bad), len(train), cfg.max_bad_sample_fraction):  # the loop's rule, see there
+        reason, n = Counter(b.reason for b in bad).most_common(1)[0]
+        raise DataError(f"{len(bad)} of {len(train)} training samples in {where} are unusable "
+                        f"({100 * len(bad) / len(train):.0f}%, over max_bad_sample_fraction "
+                        f"{cfg.max_bad_sample_fraction}); commonest reason: {reason} ({n}); first: "
+                        + name_first(bad, 5, detail=True))
+    files = [r.path for r in train[:2000] if r.path and r.audio_bytes is None and r.fetch is None]
+    if files and not any(Path(f).is_file() for f in files):
+        raise DataError(f"none of the {len(files)} audio files checked in {where} exists (first: {files[0]}); "
+                        "paths in a manifest are relative to the manifest's folder")
+    return bad
 
 
 def _audio_key(record) -> str:
@@ -201,11 +206,6 @@ def _usable(records, prepare) -> tuple[list[int], list[Bad]]:
     return keep, bad
 
 
-def reasons(items: list[Bad]) -> str:
-    from collections import Counter
-    return ", ".join(f"{n} {reason}" for reason, n in Counter(b.reason for b in items).most_common())
-
-
 def eval_loader(records, prepare, collate, cfg: Config, rank: int, world: int):
     """This process's share of the eval set: every sample on exactly one process, none padded in.
 
@@ -224,6 +224,46 @@ def length_key(record) -> tuple[int, float]:
     """What predicts a sample's generation time, known without decoding audio: the reference transcript's
     length (the prediction's length follows it), then the audio duration where the source gives it."""
     return len(record.text or ""), record.duration or 0.0
+
+
+# The training stream: what the loop draws micro-batches from. Both kinds below are endless iterators of
+# collated batches with state_dict()/load_state_dict() (the process's data position, saved in the checkpoint)
+# and epochs(samples_seen); train_batches() picks one, and the loop never asks which it has.
+
+
+class MapBatches:
+    """Collated batches of a record list, through a DataLoader, in TrainBatches' seeded order.
+
+    The position is a function of the optimizer step (TrainBatches starts `start_step` steps in), so there
+    is nothing to save: state_dict() is None, and a resumed run is built at its step instead.
+    """
+
+    def __init__(self, records: list, prepare, collate, cfg: Config, rank: int, world: int, start_step: int):
+        from whisper_ft.data import TrainBatches
+
+        self.samples_per_epoch = len(records)
+        self._it = iter(torch.utils.data.DataLoader(
+            RecordDataset(records, prepare), collate_fn=collate, num_workers=cfg.dataloader_num_workers,
+            batch_sampler=TrainBatches(len(records), cfg.per_device_train_batch_size, cfg.seed, rank, world,
+                                       start=start_step * cfg.gradient_accumulation_steps),
+            generator=torch.Generator(),  # its own RNG: creating the loader must not shift dropout's (exact resume)
+            pin_memory=torch.cuda.is_available(),  # page-locked batches: the copy to the GPU runs asynchronously
+            persistent_workers=cfg.dataloader_num_workers > 0))
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        return next(self._it)
+
+    def state_dict(self) -> None:
+        return None
+
+    def load_state_dict(self, state: None) -> None:
+        pass  # built at the resumed step already
+
+    def epochs(self, samples_seen: int) -> float:
+        return samples_seen / self.samples_per_epoch
 
 
 class StreamBatches:
@@ -245,7 +285,7 @@ class StreamBatches:
         samples = []
         while len(samples) < self.batch_size:
             if self._it is None:
-                self.stream.ds.set_epoch(self.epoch)
+                self.stream.set_epoch(self.epoch)
                 self._it = iter(self.stream)
             try:
                 # the epoch is the draw: a record appears once per epoch of a stream
@@ -260,27 +300,27 @@ class StreamBatches:
     def state_dict(self) -> dict[str, Any]:
         return {"epoch": self.epoch, "stream": self.stream.state_dict() if self._it is not None else None}
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
+    def load_state_dict(self, state: dict[str, Any] | None) -> None:
+        if state is None:
+            from whisper_ft.checkpoint import CheckpointError
+            raise CheckpointError("the checkpoint holds no position in the streamed training data for this process "
+                                  "(was it saved by a run without streaming?)")
         self.epoch = state["epoch"]
         if state["stream"] is not None:
-            self.stream.ds.set_epoch(self.epoch)
+            self.stream.set_epoch(self.epoch)
             self.stream.load_state_dict(state["stream"])
             self._it = iter(self.stream)
 
+    def epochs(self, samples_seen: int) -> None:
+        return None  # a stream's length is unknown
+
 
 def train_batches(records, prepare, collate, cfg: Config, rank: int, world: int, start_step: int):
-    """Endless training batches for this process, starting `start_step` optimizer steps in."""
-    from whisper_ft.data import TrainBatches
-
-    if not isinstance(records, list):  # a streamed Hub dataset: its position comes from the checkpoint
-        return StreamBatches(records, prepare, collate, cfg.per_device_train_batch_size, rank, world)
-    return iter(torch.utils.data.DataLoader(
-        RecordDataset(records, prepare), collate_fn=collate, num_workers=cfg.dataloader_num_workers,
-        batch_sampler=TrainBatches(len(records), cfg.per_device_train_batch_size, cfg.seed, rank, world,
-                                   start=start_step * cfg.gradient_accumulation_steps),
-        generator=torch.Generator(),  # its own RNG: creating the loader must not shift dropout's (exact resume)
-        pin_memory=torch.cuda.is_available(),  # page-locked batches: the copy to the GPU runs asynchronously
-        persistent_workers=cfg.dataloader_num_workers > 0))
+    """This process's training stream, starting `start_step` optimizer steps in: a MapBatches over a record
+    list, or a StreamBatches over a streamed Hub dataset (its position comes from the checkpoint)."""
+    if isinstance(records, list):
+        return MapBatches(records, prepare, collate, cfg, rank, world, start_step)
+    return StreamBatches(records, prepare, collate, cfg.per_device_train_batch_size, rank, world)
 
 
 def step_totals(micro: list[dict[str, Any]], accelerator) -> tuple[int, int, float, int, int]:

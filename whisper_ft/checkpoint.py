@@ -76,8 +76,10 @@ def save(accelerator, root: Path, step: int, state: dict[str, Any], process_stat
     return final
 
 
-def read_process_state(path: Path, rank: int) -> dict[str, Any]:
-    return json.loads((path / f"process-{rank}.json").read_text(encoding="utf-8"))
+def read_process_state(path: Path, rank: int) -> dict[str, Any] | None:
+    """This process's own data position, or None when the run saved none (the position follows from the step)."""
+    file = path / f"process-{rank}.json"
+    return json.loads(file.read_text(encoding="utf-8")) if file.is_file() else None
 
 
 def prune(root: Path, limit: int, keep: set[Path]) -> list[Path]:

@@ -23,9 +23,6 @@ import torch
 SAMPLE_RATE = 16_000
 MAX_AUDIO_SECONDS = 30.0  # Whisper's window; longer audio would be cut while its transcript stays whole
 MIN_AUDIO_SECONDS = 0.1  # shorter than this is a truncated or empty file, not speech
-TEXT_COLUMNS = ("sentence", "text", "transcription", "raw_transcription", "normalized_text", "transcript")
-AUDIO_COLUMNS = ("audio", "path", "file", "file_name", "filename", "audio_filepath")
-SPLIT_SYNONYMS = {"validation": "dev", "dev": "dev", "valid": "dev"}
 TIMESTAMP_SECONDS, TIMESTAMP_STEPS = 0.02, 1500  # Whisper's timestamp tokens: <|0.00|> ... <|30.00|>
 BAD_LINE = "undecodable table line"  # the reason counted for a manifest/TSV line that cannot be read
 
@@ -51,6 +48,26 @@ class Bad:
     reason: str  # short, stable, countable: "missing file", "undecodable audio", ...
     detail: str = ""
 
+    def named(self) -> str:
+        """'id: reason (detail)', as the log names one skipped sample."""
+        return f"{self.id}: {self.reason}{' (' + self.detail + ')' if self.detail else ''}"
+
+
+# Every summary of unusable samples in the logs and errors is built by these two, so they read the same.
+def reasons(bads: list[Bad]) -> str:
+    """'2 missing file, 1 empty transcript': how many of each reason, commonest first."""
+    return ", ".join(f"{n} {reason}" for reason, n in Counter(b.reason for b in bads).most_common())
+
+
+def name_first(bads: list[Bad], first: int = 3, detail: bool = False) -> str:
+    """'a.mp3 (missing file); b.mp3 (undecodable audio, why)': the first few, by id and reason."""
+    return "; ".join(f"{b.id} ({b.reason}{', ' + b.detail if detail and b.detail else ''})" for b in bads[:first])
+
+
+def describe(bads: list[Bad], first: int = 3, detail: bool = False) -> str:
+    """'2 missing file, 1 empty transcript; first: a.mp3 (missing file); ...'"""
+    return f"{reasons(bads)}; first: {name_first(bads, first, detail)}"
+
 
 @dataclass
 class BadCounter:
@@ -63,11 +80,18 @@ class BadCounter:
     def add(self, bad: Bad) -> None:
         self.counts[bad.reason] += 1
         if len(self.examples) < 10:
-            self.examples.append(f"{bad.id}: {bad.reason}{' (' + bad.detail + ')' if bad.detail else ''}")
+            self.examples.append(bad.named())
 
     @property
     def total(self) -> int:
         return sum(self.counts.values())
+
+    def first(self, n: int = 5) -> str:
+        return "; ".join(self.examples[:n])
+
+    def describe(self, first: int = 5) -> str:
+        """'2 missing file, 1 empty transcript; first: a.mp3: missing file; ...' over the whole run."""
+        return ", ".join(f"{n} {r}" for r, n in self.counts.most_common()) + "; first: " + self.first(first)
 
     def state_dict(self) -> dict[str, Any]:
         return {"seen": self.seen, "counts": dict(self.counts), "examples": self.examples}

@@ -70,3 +70,23 @@ def describe(accelerator) -> str:
     where = f"{device} ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else str(device)
     precision = accelerator.mixed_precision if accelerator.mixed_precision != "no" else "fp32"
     return f"training on {where}, precision {precision}, {accelerator.num_processes} process(es)"
+
+
+def mixed_precision(cfg: Config, on_cpu: bool = False) -> str:
+    """accelerate's mixed_precision for fp16/bf16: "no" on the CPU, and fp16 where the GPU has no bf16."""
+    import warnings
+
+    import torch
+
+    if not (cfg.fp16 or cfg.bf16):
+        return "no"
+    if on_cpu:  # -g cpu: asked for, so no warning; fp16 autocast on the CPU would only be slower
+        return "no"
+    if not torch.cuda.is_available():
+        warnings.warn(f"{'fp16' if cfg.fp16 else 'bf16'} asked for, but there is no CUDA device: training in fp32",
+                      stacklevel=1)
+        return "no"
+    if cfg.bf16 and not torch.cuda.is_bf16_supported():  # pre-Ampere cards (V100, T4): the shipped config still runs
+        warnings.warn("bf16 asked for, but this GPU does not support it: training in fp16", stacklevel=1)
+        return "fp16"
+    return "fp16" if cfg.fp16 else "bf16"

@@ -39,7 +39,7 @@ from typing import Any
 
 from whisper_ft.config import ConfigError, load_config
 
-EXIT_OK, EXIT_ERROR, EXIT_CONFIG = 0, 1, 2
+from whisper_ft.exit_codes import Exit
 
 
 def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
@@ -65,7 +65,7 @@ def main(argv: list[str] | None = None) -> int:
         cfg = load_config(rest)
     except ConfigError as e:
         print(f"whisper-ft evaluate: the configuration has problems:\n{e}", file=sys.stderr)
-        return EXIT_CONFIG
+        return Exit.CONFIG
     from whisper_ft.checkpoint import CheckpointError
     from whisper_ft.data import DataError
     from whisper_ft.model import ModelError
@@ -74,7 +74,7 @@ def main(argv: list[str] | None = None) -> int:
         return run(cfg, args)
     except (DataError, ModelError, CheckpointError) as e:
         print(f"whisper-ft evaluate: {e}", file=sys.stderr)
-        return EXIT_ERROR
+        return Exit.ERROR
 
 
 def run(cfg, args) -> int:
@@ -87,17 +87,18 @@ def run(cfg, args) -> int:
     from accelerate.utils import DataLoaderConfiguration
 
     from whisper_ft import batches, speed
-    from whisper_ft import run as run_parts
+    from whisper_ft.device import mixed_precision
+    from whisper_ft.reporting import Reporter
     from whisper_ft.collate import Collator
-    from whisper_ft.data import DataError, Prepare
+    from whisper_ft.data import DataError, Prepare, name_first, reasons
     from whisper_ft.sources import load_records
     from whisper_ft.evaluation import evaluate
     from whisper_ft.languages import resolve
     from whisper_ft.model import generate_kwargs
 
-    accelerator = Accelerator(mixed_precision=run_parts.mixed_precision(cfg),
+    accelerator = Accelerator(mixed_precision=mixed_precision(cfg),
                               dataloader_config=DataLoaderConfiguration(dispatch_batches=False, split_batches=False))
-    say = run_parts.Reporter(accelerator)
+    say = Reporter(accelerator)
     lang = resolve(cfg.lang)
     split = args.split or cfg.eval_split
     model_ref, label = choose_model(args.model, cfg)
@@ -137,13 +138,11 @@ def run(cfg, args) -> int:
         say(f"{len(rows)} samples: " + ", ".join(f"{k[5:]} {metrics[k]:.2f}" for k in
                                                  ("eval_wer", "eval_cer", "eval_wer_ortho") if k in metrics))
         if bad:
-            reasons = ", ".join(f"{n} {r}" for r, n in summary["skipped_by_reason"].items())
-            say(f"skipped {len(bad)} unusable samples ({reasons}); first: "
-                + "; ".join(f"{b.id} ({b.reason})" for b in bad[:3]))
+            say(f"skipped {len(bad)} unusable samples ({reasons(bad)}); first: {name_first(bad, 3)}")
         say(f"wrote {out / 'predictions.jsonl'} and {out / 'summary.json'}")
     accelerator.wait_for_everyone()
     accelerator.end_training()
-    return EXIT_OK
+    return Exit.OK
 
 
 def choose_model(arg: str, cfg) -> tuple[str, str]:

@@ -21,6 +21,8 @@ import sys
 import tempfile
 from pathlib import Path
 
+from whisper_ft.exit_codes import Exit
+
 QUANTIZATIONS = ("float16", "float32", "bfloat16", "int8", "int8_float16", "int8_float32", "int8_bfloat16", "int16")
 EXTRA_FILES = ("tokenizer.json", "preprocessor_config.json")
 
@@ -57,8 +59,8 @@ def main(argv: list[str] | None = None) -> int:
                           language=args.language, max_new_tokens=args.max_new_tokens)
     except ExportError as e:
         print(f"whisper-ft export: {e}", file=sys.stderr)
-        return 1
-    return 0
+        return Exit.ERROR
+    return Exit.OK
 
 
 def export_ctranslate2(model: str, out: Path, quantization: str, force: bool = False) -> Path:
@@ -156,11 +158,11 @@ def verify(model: str, exported: Path, files: list[Path], exact: bool, language:
     if differ and exact:
         print("whisper-ft export: a float32 export must transcribe exactly like the model; it does not",
               file=sys.stderr)
-        return 1
+        return Exit.ERROR
     if differ:
         print("whisper-ft export: quantized weights can change a few words; compare with --quantization float32",
               file=sys.stderr)
-    return 0
+    return Exit.OK
 
 
 if __name__ == "__main__":

@@ -386,3 +386,26 @@ def can_write(info: dict[str, Any], namespace: str) -> tuple[bool, str]:
             return True, ""
         return False, f"this fine-grained token has no repo.write permission for {namespace}"
     return True, ""
+
+
+def publish(cfg, lang, state, out: Path, say) -> str | None:
+    """Model card, Hub upload and the closing summary of a finished run: the before/after numbers a user came for.
+
+    state is the run's RunState. Returns the warning when the exported model is worse than the base model, else None.
+    """
+    saved = state.to_dict()
+    write_model_card(out, cfg, lang, saved)
+    base, best = state.base_metrics or {}, state.best_metric
+    key = "eval_" + cfg.metric_for_best_model
+    if base.get(key) is not None and best is not None:
+        say(f"{cfg.metric_for_best_model}: base model {base[key]:.2f} -> fine-tuned {best:.2f}")
+    worse = worse_than_base(cfg, base, exported_metrics(cfg, saved, read_evals(Path(out))))
+    if state.bad.total:
+        say(f"skipped {state.bad.total} unusable samples during training: {state.bad.describe(5)}")
+    say(f"final model: {out} (load with WhisperForConditionalGeneration.from_pretrained)")
+    if cfg.push_to_hub:
+        url = push(out, cfg)
+        say(f"uploaded to {url}")
+    if worse:  # last, where a user reading the end of train.log sees it
+        say("WARNING: " + worse)
+    return worse

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from whisper_ft.data import AUDIO_COLUMNS, SPLIT_SYNONYMS, TEXT_COLUMNS, DataError, Record
-from whisper_ft.sources import _pick_column, _split_names
+from whisper_ft.columns import AUDIO_COLUMNS, SPLIT_SYNONYMS, TEXT_COLUMNS, pick_column, split_names
+from whisper_ft.data import DataError, Record
 
 CV_MOVED = ("Common Voice is no longer distributed on the Hub: download a release for your language from the "
             "Mozilla Data Collective (https://datacollective.mozillafoundation.org), extract it and set "
@@ -20,8 +20,8 @@ def hub_records(name: str, split: str, *, lang, text_column: str, audio_column: 
                streaming=streaming)
     columns = list(ds.features) if ds.features else []
     row = dict.fromkeys(columns)
-    text_col = _pick_column(row, text_column, TEXT_COLUMNS, "text", name)
-    audio_col = _pick_column(row, audio_column, AUDIO_COLUMNS, "audio", name)
+    text_col = pick_column(row, text_column, TEXT_COLUMNS, "text", name)
+    audio_col = pick_column(row, audio_column, AUDIO_COLUMNS, "audio", name)
     if isinstance(ds.features[audio_col], datasets.Audio):
         ds = ds.cast_column(audio_col, datasets.Audio(decode=False))  # we decode with soundfile: no FFmpeg
     ds = ds.select_columns([audio_col, text_col])
@@ -41,7 +41,7 @@ def _load(name: str, config: str | None, split: str, **kwargs):
     if ("Unknown split" in str(error) or "Bad split" in str(error)) and any(s.strip() in SPLIT_SYNONYMS
                                                                            for s in split.split("+")):
         available = str(error)  # ... Should be one of ['train', 'validation'] / Available splits: [...]
-        renamed = "+".join(next((n for n in _split_names(s.strip()) if f"'{n}'" in available), s.strip())
+        renamed = "+".join(next((n for n in split_names(s.strip()) if f"'{n}'" in available), s.strip())
                            for s in split.split("+"))
         if renamed != split:
             try:
@@ -107,6 +107,14 @@ class HubStream:
     def __iter__(self):
         for i, row in enumerate(self.ds):
             yield _to_record(row, i, self.audio_col, self.text_col)
+
+    def take(self, n: int) -> "HubStream":
+        """The first n rows only (max_train_samples)."""
+        return HubStream(self.ds.take(n), self.audio_col, self.text_col)
+
+    def set_epoch(self, epoch: int) -> None:
+        """The epoch seeds a shuffled stream's order (datasets' set_epoch)."""
+        self.ds.set_epoch(epoch)
 
     def state_dict(self) -> dict:
         return self.ds.state_dict()

@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 
 from whisper_ft.data import SAMPLE_RATE, DataError, clean_text, decode_audio
+from whisper_ft.exit_codes import Exit
 from whisper_ft.transcribe import AUDIO_SUFFIXES, generate_segments, joined_text
 
 GAP_SECONDS = 0.5  # silence between joined clips: a pause between sentences, not a gap Whisper would skip
@@ -172,4 +173,4 @@ def run(cfg, args, model_ref: str, label: str, say) -> int:
            f"{report['segments_outside_audio']} outside the audio")
         + f"; {report['segments_without_leading_space']} starting without a space")
     say(f"wrote {out / 'long_form.json'}")
-    return 0
+    return Exit.OK

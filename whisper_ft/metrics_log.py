@@ -71,3 +71,24 @@ def _plain(value: Any) -> Any:
     if isinstance(value, float) and not math.isfinite(value):
         return str(value)  # JSON has no NaN; keep the file parseable by every reader
     return value
+
+
+def set_metrics(name: str, metrics: dict[str, Any]) -> dict[str, Any]:
+    """eval_wer, eval_loss ... of one named evaluation set as eval/<name>/wer, eval/<name>/loss ..."""
+    return {f"eval/{name}/{key[5:]}": value for key, value in metrics.items() if key.startswith("eval_")}
+
+
+def eval_summary(metrics: dict[str, Any], sets: list[str] | None) -> str:
+    """One log line: 'wer 12.00, cer 4.00, ...', or per named set 'dev: wer 12.00, ...; general: ...'."""
+    shown = ("wer", "cer", "wer_ortho", "loss")
+    if not sets:
+        return ", ".join(f"{k} {metrics['eval_' + k]:.2f}" for k in shown if "eval_" + k in metrics)
+    return "; ".join(f"{name}: " + ", ".join(f"{k} {metrics[f'eval/{name}/{k}']:.2f}" for k in shown
+                                             if f"eval/{name}/{k}" in metrics) for name in sets)
+
+
+def samples_table(rows: list[dict[str, str]]) -> str:
+    """Sample predictions as a Markdown table (TensorBoard's text tab)."""
+    return "\n".join(f"| {r['id']} | {r['reference']} | {r['prediction']} |" for r in
+                     [{"id": "id", "reference": "reference", "prediction": "prediction"},
+                      {"id": "-", "reference": "-", "prediction": "-"}] + rows)

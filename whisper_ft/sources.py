@@ -25,7 +25,8 @@ from typing import Any
 
 import numpy as np
 
-from whisper_ft.data import AUDIO_COLUMNS, SPLIT_SYNONYMS, TEXT_COLUMNS, DataError, Record
+from whisper_ft.columns import AUDIO_COLUMNS, SPLIT_SYNONYMS, TEXT_COLUMNS, pick_column, split_names
+from whisper_ft.data import DataError, Record
 
 MANIFEST_SUFFIXES = (".csv", ".tsv", ".jsonl", ".json")
 
@@ -83,11 +84,6 @@ def _parts(split: str) -> list[str]:
     return [s.strip() for s in split.split("+") if s.strip()]
 
 
-def _split_names(split: str) -> list[str]:
-    """File names a split may have: dev, validation and valid are the same split."""
-    return [split] + ([n for n in ("dev", "validation", "valid") if n != split] if split in SPLIT_SYNONYMS else [])
-
-
 CV_TSVS = ("train.tsv", "dev.tsv", "test.tsv", "validated.tsv")  # what makes a folder a Common Voice release
 
 
@@ -129,7 +125,7 @@ def _whisper_code(locale: str) -> str | None:
 
 
 def _common_voice(folder: Path, split: str, text_column: str = "") -> list[Record]:
-    tsv = next((folder / f"{n}.tsv" for n in _split_names(split) if (folder / f"{n}.tsv").is_file()), None)
+    tsv = next((folder / f"{n}.tsv" for n in split_names(split) if (folder / f"{n}.tsv").is_file()), None)
     if tsv is None:
         have = sorted(p.stem for p in folder.glob("*.tsv") if p.stem not in ("clip_durations", "reported"))
         raise DataError(f"split {split!r} not found in {folder}: no {split}.tsv; splits there: {', '.join(have)}")
@@ -238,8 +234,8 @@ def _manifest(path: Path, split: str, text_column: str, audio_column: str) -> li
         first = f" ({len(problems)} unreadable lines, first: line {problems[0][0]}: {problems[0][1]})" if problems else ""
         raise DataError(f"manifest {path} has no readable rows{first}")
     columns = {k: None for _, r in rows[:100] for k in r}  # JSONL rows may differ in their keys
-    text_col = _pick_column(columns, text_column, TEXT_COLUMNS, "text", path)
-    audio_col = _pick_column(columns, audio_column, AUDIO_COLUMNS, "audio", path)
+    text_col = pick_column(columns, text_column, TEXT_COLUMNS, "text", path)
+    audio_col = pick_column(columns, audio_column, AUDIO_COLUMNS, "audio", path)
     if "split" in columns:
         wanted = {SPLIT_SYNONYMS.get(s, s) for s in _parts(split)}
         rows = [(n, r) for n, r in rows if SPLIT_SYNONYMS.get(str(r.get("split")), str(r.get("split"))) in wanted]
@@ -263,7 +259,7 @@ def _manifest(path: Path, split: str, text_column: str, audio_column: str) -> li
 
 def _split_manifest(folder: Path, split: str) -> Path | None:
     """`<split>.csv/.tsv/.jsonl` in folder, or an audiofolder's `<split>/metadata.*`."""
-    for name in _split_names(split):
+    for name in split_names(split):
         for candidate in [folder / f"{name}{s}" for s in MANIFEST_SUFFIXES] + [_metadata(folder / name)]:
             if candidate is not None and candidate.is_file():
                 return candidate
@@ -275,18 +271,6 @@ def _split_manifest(folder: Path, split: str) -> Path | None:
 def _metadata(folder: Path) -> Path | None:
     return next((folder / f"metadata{s}" for s in (".csv", ".jsonl", ".tsv") if (folder / f"metadata{s}").is_file()),
                 None)
-
-
-def _pick_column(row: dict, chosen: str, candidates: tuple[str, ...], what: str, where: Any) -> str:
-    if chosen:
-        if chosen not in row:
-            raise DataError(f"{what} column {chosen!r} not in {where}; columns: {', '.join(map(str, row))}")
-        return chosen
-    for c in candidates:
-        if c in row:
-            return c
-    raise DataError(f"no {what} column in {where} (looked for {', '.join(candidates)}); "
-                    f"set {what}_column to one of: {', '.join(map(str, row))}")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -8,6 +8,7 @@ Everything CUDA-only is guarded here, so that the loop reads the same on CPU and
 from __future__ import annotations
 
 import importlib.util
+import time
 from typing import Any, Callable
 
 import torch
@@ -172,8 +173,26 @@ def peak_memory_gb() -> float | None:
     return torch.cuda.max_memory_allocated() / 2**30
 
 
+class Window:
+    """Loss and throughput (samples and label tokens of all processes) since the last log line."""
+
+    def __init__(self):
+        self.start, self.losses, self.samples, self.tokens = time.perf_counter(), [], 0, 0
+
+    def add(self, loss: float, samples: int, tokens: int = 0) -> None:
+        self.losses.append(loss)
+        self.samples += samples
+        self.tokens += tokens
+
+    def mean_loss(self) -> float:
+        return sum(self.losses) / max(1, len(self.losses))
+
+    def samples_per_second(self) -> float:
+        return self.samples / max(1e-9, time.perf_counter() - self.start)
+
+
 class Throughput:
-    """samples/s, estimated MFU and peak GPU memory of a run.Window, for metrics.jsonl and the progress bar.
+    """samples/s, estimated MFU and peak GPU memory of a Window, for metrics.jsonl and the progress bar.
 
     The window counts samples and label tokens of all processes; MFU is per card, so divided by the processes.
     Absent (None in metrics, left out of the bar) where it cannot be known: MFU without a known peak (CPU

@@ -17,10 +17,11 @@ import torch
 
 from whisper_ft.config import Config
 from whisper_ft.data import BadCounter
+from whisper_ft.exit_codes import Exit
 
 
 class RunStopped(Exception):
-    def __init__(self, message: str, exit_code: int = 3):
+    def __init__(self, message: str, exit_code: int = Exit.STOPPED):
         super().__init__(message)
         self.exit_code = exit_code
 
@@ -78,7 +79,7 @@ def check_bad_fraction(bad: BadCounter, cfg: Config, say, on_stop: Callable[[], 
     on_stop()
     raise RunStopped(f"{bad.total} of {bad.seen} samples seen ({100 * bad.total / bad.seen:.0f}%) were unusable, "
                      f"over max_bad_sample_fraction {cfg.max_bad_sample_fraction}; commonest reason: {reason} ({n}). "
-                     f"First ones: {'; '.join(bad.examples[:5])}. A checkpoint was saved.", 1)
+                     f"First ones: {bad.first(5)}. A checkpoint was saved.", Exit.ERROR)
 
 
 class GracefulStop:

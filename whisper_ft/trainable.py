@@ -9,6 +9,7 @@ exportable() before the final export; everything else in the loop is the same fo
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -78,8 +79,6 @@ def add_lora(model, cfg: Config):
 
 def build_optimizer(model, cfg: Config):
     """AdamW over the trainable parameters only: frozen ones get no optimizer state."""
-    from whisper_ft.run import param_groups
-
     groups = param_groups(model, cfg.weight_decay)
     if cfg.optim == "adamw_8bit":  # config.validate has checked that CUDA and bitsandbytes are there
         import bitsandbytes as bnb
@@ -87,6 +86,16 @@ def build_optimizer(model, cfg: Config):
         return bnb.optim.AdamW8bit(groups, lr=cfg.learning_rate)
     # fused: one kernel for all parameters instead of several per tensor (CPU and CUDA alike)
     return torch.optim.AdamW(groups, lr=cfg.learning_rate, fused=True)
+
+
+def param_groups(model, weight_decay: float) -> list[dict[str, Any]]:
+    """AdamW groups: no decay on biases and LayerNorm weights (decaying them only hurts)."""
+    decay, no_decay = [], []
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        (no_decay if param.ndim < 2 or "layer_norm" in name or name.endswith(".bias") else decay).append(param)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
 def keep_trainable_only(accelerator, cfg: Config) -> None:

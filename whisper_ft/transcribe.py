@@ -22,6 +22,8 @@ from typing import Any
 
 import numpy as np
 
+from whisper_ft.exit_codes import Exit
+
 SAMPLE_RATE = 16_000
 HOP = 160  # samples per log-mel frame
 WINDOW_FRAMES = 3000  # Whisper's 30-s window in frames
@@ -74,13 +76,13 @@ def main(argv: list[str] | None = None) -> int:
     files, errors = find_audio(args.inputs)
     if not files:
         report(0, errors)
-        return 1
+        return Exit.ERROR
     try:
         transcriber = Transcriber(args.model, language=args.language, task=args.task, device=args.device,
                                   dtype=args.dtype, token=args.token)
     except TranscribeError as e:
         print(f"whisper-ft transcribe: {e}", file=sys.stderr)
-        return 1
+        return Exit.ERROR
     formats = FORMATS if "all" in args.format else tuple(dict.fromkeys(args.format))
     out = Path(args.output_dir)
     names = output_names(files)
@@ -96,7 +98,7 @@ def main(argv: list[str] | None = None) -> int:
     report(done, errors)
     if done:
         print(f"whisper-ft transcribe: wrote {', '.join(formats)} for {done} file(s) to {out}", file=sys.stderr)
-    return 1 if errors else 0
+    return Exit.ERROR if errors else Exit.OK
 
 
 def find_audio(inputs: list[str]) -> tuple[list[Path], list[tuple[str, str]]]:
