@@ -49,7 +49,7 @@ def train(cfg: Config) -> int:
     from accelerate.utils import DataLoaderConfiguration, set_seed
     from tqdm.auto import tqdm
 
-    from whisper_ft import batches, checkpoint, run, stopping
+    from whisper_ft import batches, checkpoint, run, sharding, stopping
     from whisper_ft.collate import Collator, decoder_inputs
     from whisper_ft.data import BadCounter, Prepare
     from whisper_ft.evaluation import evaluate, token_loss_sum
@@ -83,21 +83,29 @@ def train(cfg: Config) -> int:
     bad = BadCounter()  # unusable training samples, counted when drawn: the same on every process
 
     # fused: one kernel for all parameters instead of several per tensor (CPU and CUDA alike)
+    # Groups and counts come from the whole model, before FSDP/DeepSpeed shard it in prepare.
     optimizer = torch.optim.AdamW(run.param_groups(model, cfg.weight_decay), lr=cfg.learning_rate, fused=True)
+    n_params = sharding.count_parameters(model)
+    sharding.configure_deepspeed(accelerator, cfg, say)  # micro-batch, accumulation, clipping: ours, not DeepSpeed's
     model, optimizer = accelerator.prepare(model, optimizer)
 
     # ---- resume or start ----------------------------------------------------------------------
+    # Files in checkpoint_dir are written once, by the main process; with several machines it must be
+    # one shared folder, which every process checks before reading a checkpoint from it.
+    if accelerator.is_main_process:
+        out.mkdir(parents=True, exist_ok=True)
+    accelerator.wait_for_everyone()
+    checkpoint.check_shared(accelerator, out)
     state = run.fresh_state(cfg)
     resumed_from = checkpoint.find_resumable(out, say)
+    checkpoint.agree_on_resume(accelerator, resumed_from)
     if resumed_from is not None:
         state = run.resume_state(checkpoint.read_state(resumed_from), cfg, say)  # refuses another run's state
         accelerator.load_state(str(resumed_from))
         bad.load_state_dict(state["bad"])
         say(f"resumed from {resumed_from} at step {state['step']}")
-    elif accelerator.is_main_process:
-        out.mkdir(parents=True, exist_ok=True)
     if accelerator.is_main_process:
-        checkpoint.check_disk(out, sum(p.numel() for p in model.parameters()), cfg.save_total_limit, say)
+        checkpoint.check_disk(out, n_params, cfg.save_total_limit, say)
         (out / "config.yaml").write_text(dump_yaml(cfg), encoding="utf-8")
     accelerator.wait_for_everyone()
 
@@ -237,8 +245,9 @@ def train(cfg: Config) -> int:
         accelerator.load_state(str(out / f"checkpoint-{state['best_step']}"))
         say(f"best {cfg.metric_for_best_model} {state['best_metric']:.2f} was at step {state['best_step']}; "
             "exporting that model")
+    full = accelerator.get_state_dict(model)  # on every process: FSDP and ZeRO-3 gather the shards here
     if accelerator.is_main_process:
-        checkpoint.export_model(accelerator.unwrap_model(model), processor, out)
+        checkpoint.export_model(accelerator.unwrap_model(model), processor, out, full)
         run.finish(cfg, lang, state, bad, out, say)
         log.log(final_step, {"bad_samples_by_reason": dict(bad.counts), "bad_samples": bad.total,
                              "samples_seen": state["samples_seen"]})

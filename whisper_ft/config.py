@@ -151,6 +151,8 @@ def load_config(argv: list[str] | None = None, env: dict[str, str] | None = None
             problems.append(str(e))
     _derive(cfg, env)
     problems += validate(cfg)
+    from whisper_ft.sharding import launch_problems
+    problems += launch_problems(cfg, env)  # FSDP/DeepSpeed, as chosen by `accelerate launch`
     if problems:
         raise ConfigError(problems)
     return cfg
