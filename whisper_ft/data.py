@@ -97,7 +97,7 @@ class LogMel:
     The extractor pads every clip to 30 s and runs the STFT over all 3000 frames; a 5-s clip leaves
     5/6 of them silent, and a silent frame's value is known without computing it (log10 of the 1e-10
     floor). Here the STFT covers only the frames that touch audio and the rest are filled in; the
-    result is the same numbers (tested against the extractor). Any extractor that is not a plain
+    result is the same numbers up to float32 rounding (tested against the extractor). Any extractor that is not a plain
     Whisper one (dither, normalisation, other sizes) is simply called.
     """
 
