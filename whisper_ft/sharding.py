@@ -1,6 +1,7 @@
 """What FSDP and DeepSpeed (chosen by `accelerate launch --config_file accelerate_configs/...`) change for the
 loop: combinations refused before anything starts, the DeepSpeed settings the loop owns, parameter counts
-that sharding hides, and generation on sharded weights. Plain data parallelism (DDP) needs none of it.
+that sharding hides, and what evaluation needs when every forward is a collective. Plain data parallelism
+(DDP) needs none of it.
 
 accelerate tells the script which mode it runs under only through environment variables set by
 `accelerate launch`, so the checks read those: ACCELERATE_USE_FSDP, ACCELERATE_USE_DEEPSPEED and friends.
