@@ -49,7 +49,7 @@ def train(cfg: Config) -> int:
     from accelerate.utils import DataLoaderConfiguration, set_seed
     from tqdm.auto import tqdm
 
-    from whisper_ft import batches, checkpoint, run, sharding, stopping
+    from whisper_ft import batches, checkpoint, run, sharding, speed, stopping
     from whisper_ft.collate import Collator, decoder_inputs
     from whisper_ft.data import BadCounter, Prepare
     from whisper_ft.evaluation import evaluate, token_loss_sum
@@ -70,13 +70,14 @@ def train(cfg: Config) -> int:
     out = Path(cfg.checkpoint_dir)
     set_seed(cfg.seed)
     lang = resolve(cfg.lang)
-    processor, model = load_whisper(cfg.whisper_pretrained, lang, cfg.task, cache_dir=cfg.model_cache,
-                                    token=cfg.hf_token)
+    processor, model = speed.load_fastest(load_whisper, cfg, lang, accelerator.mixed_precision, say)
     model.config.use_cache = False  # caching is for generation; in training it only costs memory
-    if cfg.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    speed.set_gradient_checkpointing(model, cfg.gradient_checkpointing)
+    compile_on = speed.compile_wanted(cfg.torch_compile)
     prepare = Prepare(processor.feature_extractor, processor.tokenizer)
     collate = Collator(model.config.decoder_start_token_id)
+    # A compiled forward gets label widths from a few buckets, so new transcript lengths do not recompile it.
+    train_collate = Collator(model.config.decoder_start_token_id, bucket=compile_on)
     rank, world = accelerator.process_index, accelerator.num_processes
 
     train_records, eval_records = batches.load_data(cfg, lang, prepare, say)
@@ -88,6 +89,10 @@ def train(cfg: Config) -> int:
     n_params = sharding.count_parameters(model)
     sharding.configure_deepspeed(accelerator, cfg, say)  # micro-batch, accumulation, clipping: ours, not DeepSpeed's
     model, optimizer = accelerator.prepare(model, optimizer)
+    forward = speed.CompiledForward(model, compile_on, lambda m: say(m, to_bar=True))
+    say(f"attention {accelerator.unwrap_model(model).config._attn_implementation}, "
+        f"torch_compile {'on' if compile_on else 'off'}, gradient checkpointing {cfg.gradient_checkpointing}, "
+        f"precision {accelerator.mixed_precision}")
 
     # ---- resume or start ----------------------------------------------------------------------
     # Files in checkpoint_dir are written once, by the main process; with several machines it must be
@@ -112,12 +117,12 @@ def train(cfg: Config) -> int:
     log = MetricsLog(out, accelerator.is_main_process, cfg.report_to == "tensorboard",
                      resume_step=state["step"] if resumed_from else None)
     micro_per_step = cfg.gradient_accumulation_steps
-    train_iter = batches.train_batches(train_records, prepare, collate, cfg, rank, world, start_step=state["step"])
+    train_iter = batches.train_batches(train_records, prepare, train_collate, cfg, rank, world, start_step=state["step"])
     if resumed_from is not None and hasattr(train_iter, "load_state_dict"):
         train_iter.load_state_dict(checkpoint.read_process_state(resumed_from, rank))
     eval_loader = batches.eval_loader(eval_records, prepare, collate, cfg, rank, world)
-    gen_kwargs = generate_kwargs(accelerator.unwrap_model(model), cfg.generation_max_length) \
-        if cfg.predict_with_generate else None
+    gen_kwargs = {**generate_kwargs(accelerator.unwrap_model(model), cfg.generation_max_length),
+                  **speed.generation_speedups(compile_on)} if cfg.predict_with_generate else None
     stopper = stopping.GracefulStop(accelerator)
     nan_steps = stopping.injected_nan_steps()
     shift_right = decoder_inputs(accelerator.unwrap_model(model).config)
@@ -162,6 +167,7 @@ def train(cfg: Config) -> int:
                desc="training", dynamic_ncols=True,
                mininterval=1 if sys.stderr.isatty() else 60)  # a log file gets a line a minute, not a flood
     window = run.Window()
+    throughput = speed.Throughput(accelerator.unwrap_model(model).config, world)
     while state["step"] < cfg.max_steps:
         step = state["step"]
         lr = lr_at(step, peak=cfg.learning_rate, warmup_steps=cfg.warmup_steps, max_steps=cfg.max_steps,
@@ -183,7 +189,7 @@ def train(cfg: Config) -> int:
                 features, labels = batches.batch_or_placeholder(mb, model, accelerator.device)
                 with accelerator.autocast():
                     # decoder inputs, not labels: with labels Whisper would compute a mean loss we discard
-                    logits = model(input_features=features, decoder_input_ids=shift_right(labels)).logits
+                    logits = forward(input_features=features, decoder_input_ids=shift_right(labels)).logits
                 token_loss = token_loss_sum(logits, labels)
                 if step + 1 in nan_steps:
                     token_loss = token_loss * float("nan")
@@ -213,14 +219,14 @@ def train(cfg: Config) -> int:
         state["step"] = step = step + 1
         state["samples_seen"] += samples
         state["audio_seconds_seen"] += seconds
-        window.add(step_loss, samples)
-        bar.set_postfix(loss=f"{step_loss:.3f}", lr=f"{lr:.2e}", sps=f"{window.samples_per_second():.1f}",
+        window.add(step_loss, samples, step_tokens)
+        bar.set_postfix(loss=f"{step_loss:.3f}", lr=f"{lr:.2e}", **throughput.postfix(window),
                         refresh=False)  # drawn by update(), at most once a minute in a log file
         bar.update(1)
 
         if step % cfg.logging_steps == 0 or step == cfg.max_steps:
             log.log(step, {"loss": window.mean_loss(), "lr": lr, "grad_norm": None if grad_norm is None else
-                           float(grad_norm), "samples_per_second": window.samples_per_second(),
+                           float(grad_norm), **throughput.metrics(window),
                            "epoch": state["samples_seen"] / len(train_records) if isinstance(train_records, list) else None,
                            "bad_samples": bad.total, "nonfinite_steps": state["nonfinite_steps"]})
             window = run.Window()
@@ -250,7 +256,9 @@ def train(cfg: Config) -> int:
         checkpoint.export_model(accelerator.unwrap_model(model), processor, out, full)
         run.finish(cfg, lang, state, bad, out, say)
         log.log(final_step, {"bad_samples_by_reason": dict(bad.counts), "bad_samples": bad.total,
-                             "samples_seen": state["samples_seen"]})
+                             "samples_seen": state["samples_seen"], **forward.stats()})
+        if forward.active:
+            say("torch_compile: " + ", ".join(f"{k.replace('_', ' ')} {v}" for k, v in forward.stats().items()))
     log.close()
     accelerator.wait_for_everyone()
     accelerator.end_training()

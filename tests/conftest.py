@@ -63,3 +63,12 @@ def run_train(cfg: dict, tmp: Path, *args: str, launcher: list[str] | None = Non
 
 def metrics(out: Path) -> list[dict]:
     return [json.loads(line) for line in (Path(out) / "metrics.jsonl").read_text().splitlines() if line.strip()]
+
+
+@pytest.fixture(scope="session")
+def tiny_model_1layer(tmp_path_factory) -> Path:
+    """One layer each side, d_model 32: the smallest graph for the torch.compile test (compiling is slow on CPU)."""
+    from whisper_ft import tiny
+
+    return tiny.build(tmp_path_factory.mktemp("tiny1") / "model", tiny.texts_from_tsv(CV_EN / "validated.tsv"),
+                      d_model=32, layers=1)

@@ -121,11 +121,23 @@ def _reasons(items: list[Bad]) -> str:
 
 
 def eval_loader(records, prepare, collate, cfg: Config, rank: int, world: int):
-    """This process's share of the eval set: every sample on exactly one process, none padded in."""
-    mine = list(range(rank, len(records), world))
+    """This process's share of the eval set: every sample on exactly one process, none padded in.
+
+    Ordered by length, so that a batch's samples finish generating at about the same step: Whisper pads
+    every clip to 30 s, so a batch costs what its longest transcript costs. Results are sorted by id after.
+    """
+    order = sorted(range(len(records)), key=lambda i: length_key(records[i]))
+    mine = order[rank::world]
     return torch.utils.data.DataLoader(torch.utils.data.Subset(RecordDataset(records, prepare), mine),
                                        batch_size=cfg.per_device_eval_batch_size, collate_fn=collate,
-                                       num_workers=cfg.dataloader_num_workers, shuffle=False)
+                                       num_workers=cfg.dataloader_num_workers, shuffle=False,
+                                       pin_memory=torch.cuda.is_available())
+
+
+def length_key(record) -> tuple[int, float]:
+    """What predicts a sample's generation time, known without decoding audio: the reference transcript's
+    length (the prediction's length follows it), then the audio duration where the source gives it."""
+    return len(record.text or ""), record.duration or 0.0
 
 
 class StreamBatches:
@@ -180,6 +192,7 @@ def train_batches(records, prepare, collate, cfg: Config, rank: int, world: int,
         batch_sampler=TrainBatches(len(records), cfg.per_device_train_batch_size, cfg.seed, rank, world,
                                    start=start_step * cfg.gradient_accumulation_steps),
         generator=torch.Generator(),  # its own RNG: creating the loader must not shift dropout's (exact resume)
+        pin_memory=torch.cuda.is_available(),  # page-locked batches: the copy to the GPU runs asynchronously
         persistent_workers=cfg.dataloader_num_workers > 0))
 
 
@@ -201,8 +214,8 @@ def gather_bad(micro: list[dict[str, Any]]) -> list[Bad]:
 
 def batch_or_placeholder(batch, model, device):
     """A micro-batch whose samples were all bad still runs a zero-loss step, so processes stay in step."""
-    if batch["ids"]:
-        return batch["input_features"].to(device), batch["labels"].to(device)
+    if batch["ids"]:  # non_blocking: with pinned memory the copy overlaps the work already queued on the GPU
+        return batch["input_features"].to(device, non_blocking=True), batch["labels"].to(device, non_blocking=True)
     config = model.module.config if hasattr(model, "module") else model.config
     features = torch.zeros(1, config.num_mel_bins, 2 * config.max_source_positions, device=device)
     return features, torch.full((1, 1), IGNORE_INDEX, dtype=torch.long, device=device)

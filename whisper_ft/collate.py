@@ -11,11 +11,16 @@ import torch
 from whisper_ft.data import Bad
 
 IGNORE_INDEX = -100  # positions the loss skips
+# Label widths a compiled model sees: each batch is padded up to the next one, so a compiled forward meets at
+# most these few shapes instead of one per transcript length (448 is Whisper's decoder length, pitfall 1).
+# Powers of two: at most 2x the decoder's work, which is small beside the encoder's 1500 frames.
+LABEL_BUCKETS = (32, 64, 128, 256, 448)
 
 
 @dataclass
 class Collator:
     decoder_start_token_id: int  # <|startoftranscript|>: the model prepends it when shifting labels right
+    bucket: bool = False  # pad label width up to a LABEL_BUCKETS length (for a compiled model); else the longest
 
     def __call__(self, samples: list[dict[str, Any] | Bad]) -> dict[str, Any]:
         good = [s for s in samples if not isinstance(s, Bad)]
@@ -28,6 +33,8 @@ class Collator:
         # so strip it here (DESIGN pitfall 2: the check is on decoder_start_token_id, not bos_token_id).
         labels = [s["labels"][1:] if s["labels"][0] == self.decoder_start_token_id else s["labels"] for s in good]
         width = max(len(x) for x in labels)
+        if self.bucket:
+            width = next((b for b in LABEL_BUCKETS if b >= width), width)
         batch["labels"] = torch.tensor([x + [IGNORE_INDEX] * (width - len(x)) for x in labels], dtype=torch.long)
         return batch
 

@@ -63,16 +63,17 @@ class Config:
     weight_decay: float = 0.0  # AdamW decay, never applied to biases and LayerNorm
     max_grad_norm: float = 1.0  # clip gradients to this norm (0 = no clipping)
     seed: int = 42  # seeds data order, dropout and initialisation
-    gradient_checkpointing: bool = True  # recompute activations in backward: less memory, ~30% slower
+    gradient_checkpointing: str = "true"  # recompute activations in backward: true (all layers), encoder (its 1500 frames hold most of the memory), false (fastest)
     fp16: bool = True  # float16 mixed precision (ignored with a warning where there is no CUDA)
-    bf16: bool = False  # bfloat16 mixed precision (Ampere or newer); not together with fp16
+    bf16: bool = False  # bfloat16 mixed precision (Ampere or newer; fp16 with a warning on older cards); not together with fp16
     dataloader_num_workers: int = 2  # processes decoding audio and computing log-mel features
+    torch_compile: str = "auto"  # compile the model's forward (training) and decoder step (generation): auto = on with CUDA, true, false
     max_nonfinite_steps: int = 10  # stop after this many optimizer steps in a row with NaN/inf loss
     # --- evaluation --------------------------------------------------------------------------
     eval_strategy: str = "steps"  # steps (every eval_steps) or no
     eval_steps: int = 1000  # evaluate every this many optimizer steps
     eval_at_start: bool = True  # evaluate the base model at step 0, so the improvement is known
-    per_device_eval_batch_size: int = 8  # samples per GPU per generate() call
+    per_device_eval_batch_size: int = 32  # samples per GPU per generate() call
     predict_with_generate: bool = True  # WER/CER from generate(); off = eval loss only
     generation_max_length: int = 225  # max tokens of a prediction, prefix included (at most 448)
     # --- checkpoints and logging -------------------------------------------------------------
@@ -110,6 +111,8 @@ POSITIVE = ("per_device_train_batch_size", "per_device_eval_batch_size", "gradie
 NON_NEGATIVE = ("stop_at_step", "warmup_steps", "weight_decay", "max_grad_norm", "max_train_samples", "max_eval_samples",
                 "save_total_limit", "dataloader_num_workers", "learning_rate")
 FIELD_TYPES = {f.name: f.type for f in fields(Config)}
+# Settings that were booleans and grew a third value: `true`/`false` (YAML, --x/--no-x) keep working.
+TRI_STATE = {"gradient_checkpointing": ("true", "false", "encoder"), "torch_compile": ("auto", "true", "false")}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -120,7 +123,12 @@ def build_parser() -> argparse.ArgumentParser:
         flags = [SHORT_FLAGS[f.name]] if f.name in SHORT_FLAGS else []
         flags.append("--" + f.name.replace("_", "-"))
         comment = _comments().get(f.name, "")
-        if f.type == "bool":
+        if f.name in TRI_STATE:  # --x means true, --no-x false, --x VALUE any of its values
+            p.add_argument(*flags, dest=f.name, nargs="?", const="true", metavar="|".join(TRI_STATE[f.name]),
+                           help=comment)
+            p.add_argument("--no-" + f.name.replace("_", "-"), dest=f.name, action="store_const", const="false",
+                           help=argparse.SUPPRESS)
+        elif f.type == "bool":
             p.add_argument(*flags, dest=f.name, action=argparse.BooleanOptionalAction, help=comment)
         else:
             p.add_argument(*flags, dest=f.name, metavar=f.name.upper(), help=comment)
@@ -175,7 +183,14 @@ def _coerce(key: str, raw: Any) -> Any:
     """Convert a YAML or command-line value to the field's type, or raise a ValueError naming the key."""
     kind = FIELD_TYPES[key]
     if raw is None:
-        return getattr(Config(), key) if kind != "str" else ""
+        return getattr(Config(), key) if kind != "str" or key in TRI_STATE else ""
+    if key in TRI_STATE:
+        value = {"yes": "true", "1": "true", "no": "false", "0": "false"}.get(str(raw).lower(), str(raw).lower())
+        if isinstance(raw, bool):
+            value = "true" if raw else "false"
+        if value not in TRI_STATE[key]:
+            raise ValueError(f"{key} must be one of {', '.join(TRI_STATE[key])} (or true/false), not {raw!r}")
+        return value
     if kind == "bool":
         if isinstance(raw, bool):
             return raw

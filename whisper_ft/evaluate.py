@@ -63,7 +63,7 @@ def run(cfg, args) -> int:
     from accelerate import Accelerator
     from accelerate.utils import DataLoaderConfiguration
 
-    from whisper_ft import batches
+    from whisper_ft import batches, speed
     from whisper_ft import run as run_parts
     from whisper_ft.collate import Collator
     from whisper_ft.data import DataError, Prepare
@@ -97,7 +97,8 @@ def run(cfg, args) -> int:
                                  accelerator.process_index, accelerator.num_processes)
     start = time.perf_counter()
     metrics, rows, bad = evaluate(model, loader, processor.tokenizer, accelerator,
-                                  generate_kwargs=generate_kwargs(model, cfg.generation_max_length))
+                                  generate_kwargs={**generate_kwargs(model, cfg.generation_max_length),
+                                                   **speed.generation_speedups(speed.compile_wanted(cfg.torch_compile))})
     seconds = time.perf_counter() - start
 
     out = Path(args.output_dir) if args.output_dir else default_output_dir(cfg, model_ref, label, split)

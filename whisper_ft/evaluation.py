@@ -81,8 +81,8 @@ def evaluate(model, loader, tokenizer, accelerator, *, generate_kwargs: dict[str
             if not sharded:
                 continue
             batch = placeholder
-        features = batch["input_features"].to(accelerator.device)
-        labels = batch["labels"].to(accelerator.device)
+        features = batch["input_features"].to(accelerator.device, non_blocking=True)
+        labels = batch["labels"].to(accelerator.device, non_blocking=True)
         with sharding.fsdp1_root_weights(accelerator, model), accelerator.autocast():
             logits = unwrapped(input_features=features, decoder_input_ids=shift_right(labels)).logits
             generated = None if generate_kwargs is None else unwrapped.generate(

@@ -163,7 +163,7 @@ without punctuation and symbols, combining marks kept; orthographic: the raw tex
 - learning rate {cfg.learning_rate} ({cfg.lr_scheduler_type}, {cfg.warmup_steps} warmup steps)
 - batch {cfg.per_device_train_batch_size} per device x {cfg.gradient_accumulation_steps} accumulation steps
 - weight decay {cfg.weight_decay}, gradient clipping {cfg.max_grad_norm}, seed {cfg.seed}
-- precision {precision}, gradient checkpointing {'on' if cfg.gradient_checkpointing else 'off'}
+- precision {precision}, gradient checkpointing {cfg.gradient_checkpointing}
 - exported: {'the best' if cfg.load_best_model_at_end else 'the last'} model by {cfg.metric_for_best_model}
 
 Framework versions: {versions(transformers.__version__, torch.__version__)}

@@ -11,12 +11,14 @@ class ModelError(Exception):
     pass
 
 
-def load_whisper(pretrained: str, lang, task: str, *, cache_dir: str = "", token: str = ""):
+def load_whisper(pretrained: str, lang, task: str, *, cache_dir: str = "", token: str = "",
+                 attn_implementation: str | None = None):
     """(processor, model) with language and task set in both places that matter (DESIGN pitfall 3)."""
     try:
         processor = WhisperProcessor.from_pretrained(pretrained, cache_dir=cache_dir or None, token=token or None)
+        extra = {"attn_implementation": attn_implementation} if attn_implementation else {}
         model = WhisperForConditionalGeneration.from_pretrained(pretrained, cache_dir=cache_dir or None,
-                                                                token=token or None)
+                                                                token=token or None, **extra)
     except (OSError, ValueError) as e:  # ValueError: a path that does not exist reads as a malformed Hub id
         raise ModelError(f"could not load Whisper from {pretrained!r}: {str(e).splitlines()[0][:300]} "
                          "(a Hub id like openai/whisper-small, or a folder with config.json and the weights)") from None

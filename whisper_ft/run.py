@@ -42,6 +42,9 @@ def mixed_precision(cfg: Config) -> str:
         warnings.warn(f"{'fp16' if cfg.fp16 else 'bf16'} asked for, but there is no CUDA device: training in fp32",
                       stacklevel=1)
         return "no"
+    if cfg.bf16 and not torch.cuda.is_bf16_supported():  # pre-Ampere cards (V100, T4): the shipped config still runs
+        warnings.warn("bf16 asked for, but this GPU does not support it: training in fp16", stacklevel=1)
+        return "fp16"
     return "fp16" if cfg.fp16 else "bf16"
 
 
@@ -98,14 +101,15 @@ def resume_state(saved: dict[str, Any], cfg: Config, say) -> dict[str, Any]:
 
 
 class Window:
-    """Loss and throughput since the last log line."""
+    """Loss and throughput (samples and label tokens of all processes) since the last log line."""
 
     def __init__(self):
-        self.start, self.losses, self.samples = time.perf_counter(), [], 0
+        self.start, self.losses, self.samples, self.tokens = time.perf_counter(), [], 0, 0
 
-    def add(self, loss: float, samples: int) -> None:
+    def add(self, loss: float, samples: int, tokens: int = 0) -> None:
         self.losses.append(loss)
         self.samples += samples
+        self.tokens += tokens
 
     def mean_loss(self) -> float:
         return sum(self.losses) / max(1, len(self.losses))

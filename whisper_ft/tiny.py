@@ -34,7 +34,14 @@ def special_tokens(multilingual: bool = True) -> list[str]:
             "<|startoflm|>", "<|startofprev|>", "<|nospeech|>", "<|notimestamps|>"]
 
 
-def build_tokenizer(texts: list[str], vocab_size: int = 600, multilingual: bool = True) -> WhisperTokenizer:
+def build_tokenizer(texts: list[str], vocab_size: int = 600, multilingual: bool = True,
+                    total_size: int | None = None) -> WhisperTokenizer:
+    """A byte-level BPE trained on texts, then Whisper's special and timestamp tokens after it.
+
+    total_size: make len(tokenizer) exactly this (51865 for multilingual Whisper, 51866 for large-v3) by
+    filling the BPE vocabulary with words that no merge produces, so a model built on it has the real
+    embedding and output-projection sizes (what benchmarks need) while the BPE stays small.
+    """
     bpe = Tokenizer(models.BPE())
     bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
@@ -43,6 +50,18 @@ def build_tokenizer(texts: list[str], vocab_size: int = 600, multilingual: bool 
     bpe.train_from_iterator(texts + [" " + t for t in texts], trainer)
     state = bpe.model
     vocab = bpe.get_vocab()
+    if total_size is not None:
+        n_fill = total_size - len(vocab) - len(special_tokens(multilingual)) - N_TIMESTAMPS
+        if n_fill < 0:
+            raise ValueError(f"total_size {total_size} is below the {total_size - n_fill} tokens already needed")
+        letters = "abcdefghijklmnopqrstuvwxyz"
+        for i in range(n_fill):  # "qz" + base-26 digits: plain letters, valid in the byte-level alphabet
+            word, k = "", i
+            while True:
+                word, k = letters[k % 26] + word, k // 26
+                if not k:
+                    break
+            vocab["Ġqz" + word] = len(vocab)
     merges = [tuple(m) if not isinstance(m, str) else tuple(m.split(" "))
               for m in _merges_of(bpe)]
     del state
@@ -58,8 +77,13 @@ def _merges_of(bpe: Tokenizer) -> list:
 
 
 def build(out_dir: str | Path, texts: list[str], d_model: int = 64, layers: int = 2, seed: int = 0,
-          multilingual: bool = True, init_std: float = 0.2) -> Path:
+          multilingual: bool = True, init_std: float = 0.2, *, decoder_layers: int | None = None, heads: int = 4,
+          ffn_dim: int | None = None, num_mel_bins: int = 80, vocab_size: int | None = None) -> Path:
     """Write a complete tiny Whisper checkpoint (model, processor, generation config) to out_dir.
+
+    The keyword-only arguments give any Whisper shape (bench/bench_gpu.py builds tiny ... large-v3 with
+    them): `layers` is then the encoder's, `vocab_size` the tokenizer's and model's total (see
+    build_tokenizer), `num_mel_bins` 128 for large-v3.
 
     init_std 0.2, not Whisper's 0.02: at width 64 the small init leaves cross-attention near uniform
     over 1500 mostly silent frames, and the model learns the transcripts' language model long before
@@ -68,13 +92,14 @@ def build(out_dir: str | Path, texts: list[str], d_model: int = 64, layers: int 
     import torch
 
     out_dir = Path(out_dir)
-    tok = build_tokenizer(texts, multilingual=multilingual)
+    tok = build_tokenizer(texts, multilingual=multilingual, total_size=vocab_size)
     ids = {t: tok.convert_tokens_to_ids(t) for t in special_tokens(multilingual)}
     eot, sot = ids["<|endoftext|>"], ids["<|startoftranscript|>"]
     config = WhisperConfig(
-        vocab_size=len(tok), num_mel_bins=80, d_model=d_model,
-        encoder_layers=layers, decoder_layers=layers, encoder_attention_heads=4, decoder_attention_heads=4,
-        encoder_ffn_dim=4 * d_model, decoder_ffn_dim=4 * d_model,
+        vocab_size=len(tok), num_mel_bins=num_mel_bins, d_model=d_model,
+        encoder_layers=layers, decoder_layers=layers if decoder_layers is None else decoder_layers,
+        encoder_attention_heads=heads, decoder_attention_heads=heads,
+        encoder_ffn_dim=ffn_dim or 4 * d_model, decoder_ffn_dim=ffn_dim or 4 * d_model,
         max_source_positions=1500, max_target_positions=448, init_std=init_std,
         pad_token_id=eot, bos_token_id=eot, eos_token_id=eot, decoder_start_token_id=sot,
     )
@@ -92,7 +117,7 @@ def build(out_dir: str | Path, texts: list[str], d_model: int = 64, layers: int 
         del gen.task_to_id, gen.lang_to_id
     model.generation_config = gen
     model.save_pretrained(out_dir)
-    WhisperProcessor(feature_extractor=WhisperFeatureExtractor(feature_size=80), tokenizer=tok).save_pretrained(out_dir)
+    WhisperProcessor(feature_extractor=WhisperFeatureExtractor(feature_size=num_mel_bins), tokenizer=tok).save_pretrained(out_dir)
     return out_dir
 
 

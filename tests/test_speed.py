@@ -1,0 +1,231 @@
+"""The speed features stay correct on CPU: label buckets, the tri-state settings, encoder-only checkpointing,
+the FLOP count behind the MFU figure, static-cache generation, and the compiled training path."""
+
+from __future__ import annotations
+
+import math
+import time
+
+import pytest
+import torch
+
+from conftest import CV_EN, base_config, metrics, run_train
+from whisper_ft.collate import IGNORE_INDEX, LABEL_BUCKETS, Collator
+from whisper_ft.config import ConfigError, load_config
+
+
+def sample(i: int, n_labels: int) -> dict:
+    return {"id": str(i), "input_features": torch.zeros(80, 3000).numpy(), "labels": [7] + list(range(10, 10 + n_labels)),
+            "seconds": 1.0}
+
+
+@pytest.mark.parametrize("longest,width", [(5, 32), (32, 32), (33, 64), (200, 256), (300, 448), (448, 448)])
+def test_bucketed_labels_pad_to_the_next_bucket(longest, width):
+    batch = Collator(decoder_start_token_id=7, bucket=True)([sample(0, 3), sample(1, longest)])
+    assert batch["labels"].shape == (2, width)
+    assert batch["labels"][1, :longest].tolist() == list(range(10, 10 + longest))  # start token stripped
+    assert (batch["labels"][1, longest:] == IGNORE_INDEX).all() and (batch["labels"][0, 3:] == IGNORE_INDEX).all()
+    plain = Collator(decoder_start_token_id=7)([sample(0, 3), sample(1, longest)])
+    assert plain["labels"].shape == (2, longest)
+    assert torch.equal(batch["labels"][:, :longest], plain["labels"])
+    assert width in LABEL_BUCKETS
+
+
+@pytest.mark.parametrize("args,yaml_text,expect", [
+    ([], "", ("true", "auto")),
+    ([], "gradient_checkpointing: false\ntorch_compile: true\n", ("false", "true")),
+    ([], "gradient_checkpointing: encoder\ntorch_compile: no\n", ("encoder", "false")),
+    (["--gradient-checkpointing"], "gradient_checkpointing: false\n", ("true", "auto")),
+    (["--no-gradient-checkpointing", "--no-torch-compile"], "", ("false", "false")),
+    (["--gradient-checkpointing", "encoder", "--torch-compile", "auto"], "", ("encoder", "auto")),
+])
+def test_tri_state_settings_keep_the_boolean_forms(tmp_path, args, yaml_text, expect):
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml_text, encoding="utf-8")
+    cfg = load_config(["--config", str(path), *args], env={})
+    assert (cfg.gradient_checkpointing, cfg.torch_compile) == expect
+
+
+def test_tri_state_rejects_other_values(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("gradient_checkpointing: decoder\ntorch_compile: maybe\n", encoding="utf-8")
+    with pytest.raises(ConfigError) as err:
+        load_config(["--config", str(path)], env={})
+    assert "gradient_checkpointing must be one of true, false, encoder" in str(err.value)
+    assert "torch_compile must be one of auto, true, false" in str(err.value)
+
+
+def _loss_and_grads(model, features, labels):
+    from whisper_ft.collate import decoder_inputs
+    from whisper_ft.evaluation import token_loss_sum
+
+    model.zero_grad(set_to_none=True)
+    logits = model(input_features=features, decoder_input_ids=decoder_inputs(model.config)(labels)).logits
+    loss = token_loss_sum(logits, labels)
+    loss.backward()
+    return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def test_encoder_only_checkpointing_recomputes_the_encoder_and_changes_no_gradient(tiny_model):
+    from transformers import WhisperForConditionalGeneration
+
+    from whisper_ft.speed import set_gradient_checkpointing
+
+    model = WhisperForConditionalGeneration.from_pretrained(tiny_model).train()
+    model.config.use_cache = False
+    features = torch.randn(2, 80, 3000, generator=torch.Generator().manual_seed(0))
+    labels = torch.tensor([[50, 60, 70, IGNORE_INDEX], [51, 61, 71, 81]])
+    torch.manual_seed(0)
+    loss_plain, grads_plain = _loss_and_grads(model, features, labels)
+
+    set_gradient_checkpointing(model, "encoder")
+    assert all(layer.gradient_checkpointing for layer in model.model.encoder.layers)
+    assert not any(layer.gradient_checkpointing for layer in model.model.decoder.layers)
+    calls = {"encoder": 0, "decoder": 0}  # a sub-module's hooks fire again when its layer is recomputed
+    hooks = [getattr(model.model, side).layers[0].fc1.register_forward_hook(
+        lambda *a, side=side: calls.__setitem__(side, calls[side] + 1)) for side in calls]
+    torch.manual_seed(0)
+    loss_ckpt, grads_ckpt = _loss_and_grads(model, features, labels)
+    for hook in hooks:
+        hook.remove()
+    assert calls == {"encoder": 2, "decoder": 1}  # the encoder recomputed in backward, the decoder not
+    assert torch.equal(loss_plain, loss_ckpt)  # dropout is 0 in the tiny model: recomputation is exact
+    assert grads_plain.keys() == grads_ckpt.keys()
+    for name in grads_plain:
+        torch.testing.assert_close(grads_ckpt[name], grads_plain[name], rtol=1e-5, atol=1e-7, msg=name)
+
+
+def test_flop_formula_matches_torch_flop_counter(tiny_model):
+    """The MFU figure's FLOP count (speed.training_flops_per_sample) against PyTorch's own count of the matmuls,
+    convolutions and attention in one forward + backward of the tiny model."""
+    from torch.utils.flop_counter import FlopCounterMode
+    from transformers import WhisperForConditionalGeneration
+
+    from whisper_ft.speed import training_flops_per_sample
+
+    model = WhisperForConditionalGeneration.from_pretrained(tiny_model, attn_implementation="eager").train()
+    batch, tokens = 2, 24
+    features = torch.randn(batch, 80, 3000)
+    labels = torch.randint(10, 100, (batch, tokens))
+    with FlopCounterMode(display=False) as counter:
+        _loss_and_grads(model, features, labels)
+    measured = counter.get_total_flops() / batch
+    formula = training_flops_per_sample(model.config, tokens)
+    # The counter also sees the first conv's input gradient, which is never needed (the features need no
+    # gradient) but autograd does not compute it either; what differs is within a few percent.
+    assert abs(formula - measured) / measured < 0.03, (formula, measured)
+
+
+def test_static_cache_generation_gives_the_same_transcripts(tiny_model):
+    """Every greedy prediction over the English corpus: dynamic cache (eager) vs static cache, the path used
+    with torch_compile on a GPU (where transformers also compiles its decoder step)."""
+    from accelerate import Accelerator
+
+    from whisper_ft import batches
+    from whisper_ft.config import Config
+    from whisper_ft.data import Prepare
+    from whisper_ft.evaluation import evaluate
+    from whisper_ft.languages import resolve
+    from whisper_ft.model import generate_kwargs, load_whisper
+    from whisper_ft.sources import load_records
+    from whisper_ft.speed import generation_speedups
+
+    processor, model = load_whisper(str(tiny_model), resolve("en"), "transcribe")
+    model.config.use_cache = False  # as in training: generation must still use its cache
+    static_caches = []
+    real = model._prepare_static_cache
+    model._prepare_static_cache = lambda *a, **k: static_caches.append(1) or real(*a, **k)
+    records = load_records(str(CV_EN), "train")  # 25 clips: batches of 8, 8, 8, 1 (a smaller last batch too)
+    prepare = Prepare(processor.feature_extractor, processor.tokenizer)
+    cfg = Config(per_device_eval_batch_size=8, dataloader_num_workers=0)
+    loader = batches.eval_loader(records, prepare, Collator(model.config.decoder_start_token_id), cfg, 0, 1)
+    accelerator = Accelerator(cpu=True)
+    base = generate_kwargs(model, 30)
+    _, eager_rows, _ = evaluate(model, loader, processor.tokenizer, accelerator, generate_kwargs=base)
+    assert not static_caches
+    _, static_rows, _ = evaluate(model, loader, processor.tokenizer, accelerator,
+                                 generate_kwargs={**base, **generation_speedups(compile_on=True)})
+    assert static_caches  # the static cache really ran
+    assert len(eager_rows) == len(records) == 25
+    assert [r["prediction"] for r in static_rows] == [r["prediction"] for r in eager_rows]
+    assert sum(len(r["prediction"]) for r in eager_rows) > 0  # a random model says something, not nothing
+
+
+def test_eval_batches_are_ordered_by_length():
+    from whisper_ft import batches
+    from whisper_ft.config import Config
+    from whisper_ft.data import Record
+
+    records = [Record(id=str(i), text="x" * n) for i, n in enumerate([30, 5, 50, 10, 40, 20])]
+
+    class Echo:
+        def screen(self, r):
+            return None
+
+        def __call__(self, r):
+            return r.id
+
+    cfg = Config(per_device_eval_batch_size=2, dataloader_num_workers=0)
+    seen = [b for b in batches.eval_loader(records, Echo(), lambda xs: xs, cfg, 0, 1)]
+    assert seen == [["1", "3"], ["5", "0"], ["4", "2"]]
+    shards = [sum(batches.eval_loader(records, Echo(), lambda xs: xs, cfg, r, 2), []) for r in (0, 1)]
+    assert sorted(shards[0] + shards[1]) == sorted(r.id for r in records)  # each sample on exactly one process
+
+
+def test_compiled_training_matches_eager_per_step(tiny_model_1layer, tmp_path):
+    """train_loop.py with torch_compile: true (forced on CPU) against false: per-step losses within rel 1e-4.
+
+    fp32; the compiled side also pads labels to buckets. Inductor on CPU fuses and reorders float sums, so the
+    losses are close, not bitwise equal. Takes about 1-2 minutes on 2 CPU cores, almost all of it compiling.
+    """
+    losses, started = {}, time.perf_counter()
+    for compile_on in ("false", "true"):
+        out = tmp_path / compile_on
+        cfg = base_config(tiny_model_1layer, out, max_steps=3, eval_strategy="no", load_best_model_at_end=False,
+                          torch_compile=compile_on)
+        proc = run_train(cfg, tmp_path)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        assert f"torch_compile {'on' if compile_on == 'true' else 'off'}" in proc.stderr
+        assert "compilation failed" not in proc.stderr
+        rows = metrics(out)
+        losses[compile_on] = [r["loss"] for r in rows if "loss" in r]
+        for r in (r for r in rows if "loss" in r):
+            assert r["samples_per_second"] > 0
+            assert r["mfu_percent"] is None and r["peak_gpu_memory_gb"] is None  # CPU: no known peak, no GPU
+        if compile_on == "true":
+            final = rows[-1]
+            assert final["compiled_graphs"] >= 1 and final["recompiled_graphs"] == 0  # 3 steps, one bucket
+    assert len(losses["true"]) == len(losses["false"]) == 3
+    for eager, compiled in zip(losses["false"], losses["true"]):
+        assert math.isfinite(eager) and abs(compiled - eager) <= 1e-4 * abs(eager), (losses, time.perf_counter() - started)
+
+
+def test_compile_failure_falls_back_to_eager_once(tiny_model):
+    from transformers import WhisperForConditionalGeneration
+
+    from whisper_ft.speed import CompiledForward
+
+    model = WhisperForConditionalGeneration.from_pretrained(tiny_model).eval()
+    messages = []
+    forward = CompiledForward(model, enabled=True, say=messages.append)
+    assert forward.active
+
+    def broken(**inputs):
+        raise RuntimeError("backend compiler failed: no C++ compiler")
+
+    forward.compiled = broken  # what a failing compilation looks like at the first call
+    inputs = {"input_features": torch.randn(1, 80, 3000), "decoder_input_ids": torch.tensor([[1, 2, 3]])}
+    with torch.no_grad():
+        out = forward(**inputs).logits
+        again = forward(**inputs).logits
+        expected = model(**inputs).logits
+    assert torch.equal(out, expected) and torch.equal(again, expected)
+    assert not forward.active and len(messages) == 1
+    assert "compilation failed (RuntimeError: backend compiler failed" in messages[0] and "eagerly" in messages[0]
+
+    def out_of_memory(**inputs):
+        raise torch.OutOfMemoryError("CUDA out of memory")
+
+    forward.compiled = out_of_memory  # a real error is not hidden by the fallback
+    with pytest.raises(torch.OutOfMemoryError):
+        forward(**inputs)
