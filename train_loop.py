@@ -22,7 +22,7 @@ EXIT_CONFIG, EXIT_ERROR, EXIT_STOPPED = 2, 1, 3
 
 def main(argv: list[str] | None = None) -> int:
     try:
-        cfg = load_config(argv)
+        cfg = load_config(argv, training=True)
     except ConfigError as e:
         print(f"whisper-ft: the configuration has problems:\n{e}", file=sys.stderr)
         return EXIT_CONFIG
@@ -49,7 +49,7 @@ def train(cfg: Config) -> int:
     from accelerate.utils import DataLoaderConfiguration, set_seed
     from tqdm.auto import tqdm
 
-    from whisper_ft import batches, checkpoint, run, sharding, speed, stopping
+    from whisper_ft import batches, checkpoint, run, sharding, speed, stopping, trainable
     from whisper_ft.collate import Collator, decoder_inputs
     from whisper_ft.data import BadCounter, Prepare
     from whisper_ft.evaluation import evaluate, token_loss_sum
@@ -72,7 +72,8 @@ def train(cfg: Config) -> int:
     lang = resolve(cfg.lang)
     processor, model = speed.load_fastest(load_whisper, cfg, lang, accelerator.mixed_precision, say)
     model.config.use_cache = False  # caching is for generation; in training it only costs memory
-    speed.set_gradient_checkpointing(model, cfg.gradient_checkpointing)
+    speed.set_gradient_checkpointing(model, cfg.gradient_checkpointing)  # non-reentrant: fine with frozen weights
+    model = trainable.setup_model(model, cfg, say)  # SpecAugment, freeze_encoder, LoRA
     compile_on = speed.compile_wanted(cfg.torch_compile)
     prepare = Prepare(processor.feature_extractor, processor.tokenizer)
     collate = Collator(model.config.decoder_start_token_id)
@@ -83,12 +84,12 @@ def train(cfg: Config) -> int:
     train_records, eval_records = batches.load_data(cfg, lang, prepare, say)
     bad = BadCounter()  # unusable training samples, counted when drawn: the same on every process
 
-    # fused: one kernel for all parameters instead of several per tensor (CPU and CUDA alike)
     # Groups and counts come from the whole model, before FSDP/DeepSpeed shard it in prepare.
-    optimizer = torch.optim.AdamW(run.param_groups(model, cfg.weight_decay), lr=cfg.learning_rate, fused=True)
-    n_params = sharding.count_parameters(model)
+    optimizer = trainable.build_optimizer(model, cfg)  # AdamW (or 8-bit) over the trainable weights only
+    n_params, n_trained = sharding.count_parameters(model), sharding.count_parameters(model, trainable_only=True)
     sharding.configure_deepspeed(accelerator, cfg, say)  # micro-batch, accumulation, clipping: ours, not DeepSpeed's
     model, optimizer = accelerator.prepare(model, optimizer)
+    trainable.keep_trainable_only(accelerator, cfg)  # checkpoints of LoRA/frozen runs skip the frozen base
     forward = speed.CompiledForward(model, compile_on, lambda m: say(m, to_bar=True))
     say(f"attention {accelerator.unwrap_model(model).config._attn_implementation}, "
         f"torch_compile {'on' if compile_on else 'off'}, gradient checkpointing {cfg.gradient_checkpointing}, "
@@ -110,7 +111,7 @@ def train(cfg: Config) -> int:
         bad.load_state_dict(state["bad"])
         say(f"resumed from {resumed_from} at step {state['step']}")
     if accelerator.is_main_process:
-        checkpoint.check_disk(out, n_params, cfg.save_total_limit, say)
+        checkpoint.check_disk(out, n_params, cfg.save_total_limit, say, trained=n_trained)
         (out / "config.yaml").write_text(dump_yaml(cfg), encoding="utf-8")
     accelerator.wait_for_everyone()
 
@@ -251,9 +252,11 @@ def train(cfg: Config) -> int:
         accelerator.load_state(str(out / f"checkpoint-{state['best_step']}"))
         say(f"best {cfg.metric_for_best_model} {state['best_metric']:.2f} was at step {state['best_step']}; "
             "exporting that model")
-    full = accelerator.get_state_dict(model)  # on every process: FSDP and ZeRO-3 gather the shards here
+    # FSDP and ZeRO-3 shard the weights: gather them whole, on every process (LoRA is refused with both)
+    full = accelerator.get_state_dict(model) if sharding.is_sharded(accelerator) else None
     if accelerator.is_main_process:
-        checkpoint.export_model(accelerator.unwrap_model(model), processor, out, full)
+        # LoRA merged into the base: a plain Whisper folder (the adapter beside it with lora_save_adapter)
+        checkpoint.export_model(trainable.exportable(accelerator.unwrap_model(model), cfg, out), processor, out, full)
         run.finish(cfg, lang, state, bad, out, say)
         log.log(final_step, {"bad_samples_by_reason": dict(bad.counts), "bad_samples": bad.total,
                              "samples_seen": state["samples_seen"], **forward.stats()})

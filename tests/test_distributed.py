@@ -112,7 +112,7 @@ def problems(tmp_path, env: dict, **overrides) -> str:
     path = tmp_path / "c.yaml"
     path.write_text(yaml.safe_dump({"lang": "en", "whisper_pretrained": "x", "hf_token": "-", **overrides}))
     with pytest.raises(ConfigError) as e:
-        load_config(["--config", str(path)], env=env)
+        load_config(["--config", str(path)], env=env, training=True)
     return str(e.value)
 
 

@@ -204,9 +204,12 @@ def find_resumable(root: Path, say) -> Path | None:
     return None
 
 
-def check_disk(root: Path, n_params: int, save_total_limit: int, say) -> None:
-    """Warn before training when the disk cannot hold the checkpoints the run will keep."""
-    per_checkpoint = n_params * 4 * 3  # fp32 weights + AdamW's two moments
+def check_disk(root: Path, n_params: int, save_total_limit: int, say, trained: int | None = None) -> None:
+    """Warn before training when the disk cannot hold the checkpoints the run will keep.
+
+    `trained` weights (default all) are what a checkpoint holds: with LoRA or a frozen encoder only those.
+    """
+    per_checkpoint = (n_params if trained is None else trained) * 4 * 3  # fp32 weights + AdamW's two moments
     need = per_checkpoint * ((save_total_limit or 5) + 1) + n_params * 4  # + one being written, + the export
     existing = root
     while not existing.exists():

@@ -69,6 +69,19 @@ class Config:
     dataloader_num_workers: int = 2  # processes decoding audio and computing log-mel features
     torch_compile: str = "auto"  # compile the model's forward (training) and decoder step (generation): auto = on with CUDA, true, false
     max_nonfinite_steps: int = 10  # stop after this many optimizer steps in a row with NaN/inf loss
+    optim: str = "adamw_torch"  # adamw_torch, or adamw_8bit (bitsandbytes, CUDA only): 1/4 of the optimizer memory
+    # --- large models on small GPUs ----------------------------------------------------------
+    freeze_encoder: bool = False  # train the decoder only; with LoRA: adapters in the decoder only
+    lora_r: int = 0  # LoRA rank; 0 = off (full fine-tune). 8-32 trains 1-5% of the weights
+    lora_alpha: float = 0.0  # LoRA scale numerator (updates scaled by lora_alpha / lora_r); 0 = 2 x lora_r
+    lora_dropout: float = 0.05  # dropout on the LoRA branch's input
+    lora_target_modules: str = "q_proj,k_proj,v_proj,out_proj,fc1,fc2"  # Linear layers given adapters (list or comma-separated)
+    lora_save_adapter: bool = False  # also save the LoRA adapter alone in <checkpoint_dir>/adapter (peft format)
+    apply_spec_augment: bool = False  # SpecAugment: mask random time steps / mel bins of the input in training
+    mask_time_prob: float = 0.05  # SpecAugment: share of time steps masked (in spans of mask_time_length)
+    mask_time_length: int = 10  # SpecAugment: frames per time mask (10 ms each)
+    mask_feature_prob: float = 0.0  # SpecAugment: share of mel bins masked (in spans of mask_feature_length)
+    mask_feature_length: int = 10  # SpecAugment: mel bins per feature mask
     # --- evaluation --------------------------------------------------------------------------
     eval_strategy: str = "steps"  # steps (every eval_steps) or no
     eval_steps: int = 1000  # evaluate every this many optimizer steps
@@ -105,11 +118,13 @@ SHORT_FLAGS = {"gpu_device": "-g", "lang": "-l", "dataset_name": "-dn", "dataset
                "max_steps": "-t"}
 CHOICES = {"task": ("transcribe", "translate"), "eval_strategy": ("steps", "no"),
            "lr_scheduler_type": ("linear", "constant_with_warmup", "cosine"), "report_to": ("tensorboard", "none"),
-           "metric_for_best_model": METRICS}
+           "metric_for_best_model": METRICS, "optim": ("adamw_torch", "adamw_8bit")}
+COMMA_LISTS = ("lora_target_modules",)  # str fields that also take a YAML list, stored comma-separated
 POSITIVE = ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps", "max_steps",
-            "eval_steps", "save_steps", "logging_steps", "generation_max_length", "max_nonfinite_steps")
+            "eval_steps", "save_steps", "logging_steps", "generation_max_length", "max_nonfinite_steps",
+            "mask_time_length", "mask_feature_length")
 NON_NEGATIVE = ("stop_at_step", "warmup_steps", "weight_decay", "max_grad_norm", "max_train_samples", "max_eval_samples",
-                "save_total_limit", "dataloader_num_workers", "learning_rate")
+                "save_total_limit", "dataloader_num_workers", "learning_rate", "lora_r", "lora_alpha")
 FIELD_TYPES = {f.name: f.type for f in fields(Config)}
 # Settings that were booleans and grew a third value: `true`/`false` (YAML, --x/--no-x) keep working.
 TRI_STATE = {"gradient_checkpointing": ("true", "false", "encoder"), "torch_compile": ("auto", "true", "false")}
@@ -122,7 +137,7 @@ def build_parser() -> argparse.ArgumentParser:
     for f in fields(Config):
         flags = [SHORT_FLAGS[f.name]] if f.name in SHORT_FLAGS else []
         flags.append("--" + f.name.replace("_", "-"))
-        comment = _comments().get(f.name, "")
+        comment = _comments().get(f.name, "").replace("%", "%%")  # argparse reads % as a format
         if f.name in TRI_STATE:  # --x means true, --no-x false, --x VALUE any of its values
             p.add_argument(*flags, dest=f.name, nargs="?", const="true", metavar="|".join(TRI_STATE[f.name]),
                            help=comment)
@@ -135,8 +150,13 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def load_config(argv: list[str] | None = None, env: dict[str, str] | None = None) -> Config:
-    """YAML file < command line < derived defaults; raises ConfigError listing every problem."""
+def load_config(argv: list[str] | None = None, env: dict[str, str] | None = None, training: bool = False) -> Config:
+    """YAML file < command line < derived defaults; raises ConfigError listing every problem.
+
+    training: also check that this machine can run the training settings (CUDA and bitsandbytes for
+    adamw_8bit, peft for LoRA, no LoRA under FSDP/ZeRO-3); evaluate and transcribe read the same config
+    elsewhere and need none of that.
+    """
     env = os.environ if env is None else env
     parser = build_parser()
     args, unknown = parser.parse_known_args(argv)
@@ -159,8 +179,10 @@ def load_config(argv: list[str] | None = None, env: dict[str, str] | None = None
             problems.append(str(e))
     _derive(cfg, env)
     problems += validate(cfg)
-    from whisper_ft.sharding import launch_problems
-    problems += launch_problems(cfg, env)  # FSDP/DeepSpeed, as chosen by `accelerate launch`
+    if training:
+        from whisper_ft.sharding import launch_problems
+        problems += environment_problems(cfg, env)
+        problems += launch_problems(cfg, env)  # FSDP/DeepSpeed, as chosen by `accelerate launch`
     if problems:
         raise ConfigError(problems)
     return cfg
@@ -213,6 +235,8 @@ def _coerce(key: str, raw: Any) -> Any:
             raise ValueError(f"{key} must be a number, not {raw!r}") from None
     if isinstance(raw, bool):  # YAML 1.1 reads `no` (eval_strategy: no, lang: no for Norwegian) as false
         return "no" if raw is False else "yes"
+    if isinstance(raw, list) and key in COMMA_LISTS and all(isinstance(x, str) for x in raw):
+        return ",".join(x.strip() for x in raw)
     if isinstance(raw, (dict, list)):
         raise ValueError(f"{key} must be a single value, not {type(raw).__name__}")
     return str(raw)
@@ -258,6 +282,7 @@ def validate(cfg: Config) -> list[str]:
         problems.append("load_best_model_at_end needs evaluations: set eval_strategy: steps or load_best_model_at_end: false")
     if cfg.metric_for_best_model != "loss" and not cfg.predict_with_generate and cfg.eval_strategy != "no":
         problems.append(f"metric_for_best_model {cfg.metric_for_best_model} needs predict_with_generate: true (or use loss)")
+    problems += _training_mode_problems(cfg)
     if cfg.push_to_hub and not cfg.hf_token:
         problems.append("push_to_hub needs a Hub token: set HF_TOKEN, run `hf auth login`, or set hf_token")
     try:
@@ -270,6 +295,62 @@ def validate(cfg: Config) -> list[str]:
     except LanguageError as e:
         problems.append(str(e))
     return problems
+
+
+def _training_mode_problems(cfg: Config) -> list[str]:
+    """The LoRA and SpecAugment values themselves."""
+    import re
+
+    problems = []
+    for key in ("lora_dropout", "mask_time_prob", "mask_feature_prob"):
+        if not 0 <= getattr(cfg, key) <= 1:
+            problems.append(f"{key} must be between 0 and 1, not {getattr(cfg, key)}")
+    if cfg.lora_r > 0:
+        names = [m.strip() for m in cfg.lora_target_modules.split(",") if m.strip()]
+        if not names:
+            problems.append("lora_target_modules is empty; name the Linear layers to adapt, "
+                            "e.g. q_proj,k_proj,v_proj,out_proj,fc1,fc2")
+        problems += [f"lora_target_modules: {m!r} is not a module name" for m in names if not re.fullmatch(r"[\w.]+", m)]
+    return problems
+
+
+def environment_problems(cfg: Config, env) -> list[str]:
+    """Training settings this machine or launch cannot run: refused before anything is loaded."""
+    problems = []
+    if cfg.lora_r > 0:
+        if not _installed("peft"):
+            problems.append("lora_r > 0 needs peft: pip install peft (it is in requirements.txt)")
+        # The adapter is merged into the whole model at the end and its checkpoints are written by our
+        # save hook; under FSDP or ZeRO-3 the weights are sharded across processes and neither holds.
+        if env.get("ACCELERATE_USE_FSDP", "").lower() == "true" or (
+                env.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true" and env.get("ACCELERATE_DEEPSPEED_ZERO_STAGE") == "3"):
+            problems.append("LoRA (lora_r > 0) is not supported with FSDP or DeepSpeed ZeRO-3, which shard the weights; "
+                            "a LoRA run fits one GPU: launch it with DDP (accelerate_configs/ for one or several GPUs) "
+                            "or DeepSpeed ZeRO-2")
+    if cfg.optim == "adamw_8bit":
+        missing = []
+        if env.get("ACCELERATE_USE_CPU", "").lower() in ("true", "1") or not _cuda_available():
+            missing.append("a CUDA GPU (bitsandbytes' 8-bit optimizers do not run on CPU)")
+        if not _installed("bitsandbytes"):
+            missing.append("bitsandbytes (pip install bitsandbytes; it is optional and not in requirements.txt)")
+        if missing:
+            problems.append("optim adamw_8bit needs " + " and ".join(missing) + "; or use optim: adamw_torch")
+    return problems
+
+
+def _installed(package: str) -> bool:
+    import importlib.util
+
+    try:
+        return importlib.util.find_spec(package) is not None
+    except (ImportError, ValueError):  # ValueError: blocked with sys.modules[package] = None
+        return False
+
+
+def _cuda_available() -> bool:
+    import torch  # only imported when adamw_8bit is asked for: loading a config stays light
+
+    return torch.cuda.is_available()
 
 
 def _unknown_key(key: str, where: str) -> str:

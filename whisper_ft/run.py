@@ -80,7 +80,9 @@ def mixture_digest(dataset_name: str) -> str | None:
 
 # Settings that change what is being trained: resuming across a change would mix two runs.
 IDENTITY = ("whisper_pretrained", "lang", "task", "dataset_name", "dataset_config", "train_split",
-            "per_device_train_batch_size", "gradient_accumulation_steps", "seed")
+            "per_device_train_batch_size", "gradient_accumulation_steps", "seed",
+            # which weights are trained, and the optimizer's state format: a checkpoint of another mode cannot load
+            "freeze_encoder", "lora_r", "lora_alpha", "lora_target_modules", "optim")
 
 
 def resume_state(saved: dict[str, Any], cfg: Config, say) -> dict[str, Any]:

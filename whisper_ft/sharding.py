@@ -125,9 +125,9 @@ def configure_deepspeed(accelerator, cfg, say) -> None:
         "such steps without saving, the last checkpoint intact")
 
 
-def count_parameters(model) -> int:
-    """All parameters of the whole model: under ZeRO-3 a parameter's own numel() is its local shard (or 0)."""
-    return sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters())
+def count_parameters(model, trainable_only: bool = False) -> int:
+    """Parameters of the whole model: under ZeRO-3 (zero.Init) a parameter's own numel() is its shard, or 0."""
+    return sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters() if p.requires_grad or not trainable_only)
 
 
 @contextlib.contextmanager

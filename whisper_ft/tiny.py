@@ -84,6 +84,9 @@ def build(out_dir: str | Path, texts: list[str], d_model: int = 64, layers: int 
     The keyword-only arguments give any Whisper shape (bench/bench_gpu.py builds tiny ... large-v3 with
     them): `layers` is then the encoder's, `vocab_size` the tokenizer's and model's total (see
     build_tokenizer), `num_mel_bins` 128 for large-v3.
+    A tiny model with num_mel_bins=128 has large-v3's whole layout: its special tokens (100 languages,
+    <|yue|> last, so every token after the languages is one further than in the 99-language v1/v2
+    checkpoints: vocab 51866, not 51865) are what transformers' language list gives every model here.
 
     init_std 0.2, not Whisper's 0.02: at width 64 the small init leaves cross-attention near uniform
     over 1500 mostly silent frames, and the model learns the transcripts' language model long before

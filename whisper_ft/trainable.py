@@ -1,0 +1,141 @@
+"""What a run trains and how: SpecAugment, a frozen encoder, LoRA adapters, the optimizer, checkpoints that
+hold only the trainable weights, and the plain Whisper model that comes out at the end.
+
+These are the settings that let whisper-large-v3 fine-tune on a 12-24 GB card. train_loop.py calls
+setup_model() and build_optimizer() before accelerator.prepare, keep_trainable_only() after it, and
+exportable() before the final export; everything else in the loop is the same for every mode.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from whisper_ft.config import Config
+
+
+def setup_model(model, cfg: Config, say):
+    """SpecAugment settings, the frozen encoder and LoRA, in that order; returns the model to train.
+
+    With LoRA the result is a peft PeftModel around the Whisper model (the base weights frozen inside it).
+    """
+    from whisper_ft.model import ModelError
+
+    spec_augment(model.config, cfg)
+    if cfg.apply_spec_augment and cfg.mask_feature_length > model.config.num_mel_bins:
+        raise ModelError(f"mask_feature_length {cfg.mask_feature_length} exceeds the model's "
+                         f"{model.config.num_mel_bins} mel bins")
+    if cfg.freeze_encoder:
+        model.freeze_encoder()  # requires_grad False: no gradients, no optimizer state for the encoder
+    if cfg.lora_r > 0:
+        model = add_lora(model, cfg)
+    n_all = sum(p.numel() for p in model.parameters())
+    n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    if cfg.lora_r or cfg.freeze_encoder:
+        say(f"training {n_train:,} of {n_all:,} parameters ({100 * n_train / n_all:.2f}%)"
+            + (f"; LoRA rank {cfg.lora_r} on {cfg.lora_target_modules}" if cfg.lora_r else "")
+            + ("; encoder frozen" if cfg.freeze_encoder else ""))
+    return model
+
+
+def spec_augment(model_config, cfg: Config) -> None:
+    """Whisper's own SpecAugment (masking in WhisperModel._mask_input_features, in training mode only).
+
+    All five are written, on or off, so the run's config decides rather than whatever the base checkpoint
+    happened to hold; they are saved with the exported model and have no effect at inference.
+    """
+    model_config.apply_spec_augment = cfg.apply_spec_augment
+    model_config.mask_time_prob, model_config.mask_time_length = cfg.mask_time_prob, cfg.mask_time_length
+    model_config.mask_feature_prob, model_config.mask_feature_length = cfg.mask_feature_prob, cfg.mask_feature_length
+
+
+def target_modules(cfg: Config) -> list[str]:
+    return [m.strip() for m in cfg.lora_target_modules.split(",") if m.strip()]
+
+
+def add_lora(model, cfg: Config):
+    """Wrap the model with LoRA adapters on the named Linear layers; every base weight is frozen.
+
+    With freeze_encoder the encoder gets no adapters (only the decoder, cross-attention included, adapts).
+    """
+    from peft import LoraConfig, get_peft_model
+
+    from whisper_ft.model import ModelError
+
+    # peft only fails when no name matches at all: a typo beside a valid name would silently adapt less
+    linear = {name.rsplit(".", 1)[-1] for name, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
+    unknown = [m for m in target_modules(cfg) if m not in linear]
+    if unknown:
+        raise ModelError(f"lora_target_modules: {', '.join(unknown)} {'is' if len(unknown) == 1 else 'are'} not a "
+                         f"Linear layer of this model; its Linear layers are {', '.join(sorted(linear))}")
+    lora = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha or 2 * cfg.lora_r, lora_dropout=cfg.lora_dropout,
+                      target_modules=target_modules(cfg), bias="none",
+                      # a full-match regex on module paths such as model.encoder.layers.0.self_attn.q_proj
+                      exclude_modules=r"model\.encoder\..*" if cfg.freeze_encoder else None)
+    return get_peft_model(model, lora)
+
+
+def build_optimizer(model, cfg: Config):
+    """AdamW over the trainable parameters only: frozen ones get no optimizer state."""
+    from whisper_ft.run import param_groups
+
+    groups = param_groups(model, cfg.weight_decay)
+    if cfg.optim == "adamw_8bit":  # config.validate has checked that CUDA and bitsandbytes are there
+        import bitsandbytes as bnb
+
+        return bnb.optim.AdamW8bit(groups, lr=cfg.learning_rate)
+    # fused: one kernel for all parameters instead of several per tensor (CPU and CUDA alike)
+    return torch.optim.AdamW(groups, lr=cfg.learning_rate, fused=True)
+
+
+def keep_trainable_only(accelerator, cfg: Config) -> None:
+    """Make save_state/load_state write and read only the trainable weights when some are frozen.
+
+    The frozen weights are the base model's, which every run (and every resume) loads first, so a copy of
+    them in each checkpoint is only disk space: for LoRA on large-v3, 6 GB per checkpoint instead of a few
+    MB. The optimizer state already covers only the trainable weights. A full fine-tune keeps accelerate's
+    format unchanged. With DeepSpeed or FSDP accelerate saves through its own path and these hooks are unused.
+    """
+    if not (cfg.lora_r > 0 or cfg.freeze_encoder):
+        return
+    from safetensors.torch import load_file
+
+    from whisper_ft.checkpoint import CheckpointError
+
+    def trainable(model) -> set[str]:
+        return {name for name, p in model.named_parameters() if p.requires_grad}
+
+    def save_hook(models, weights, output_dir):
+        for model, state in zip(models, weights):
+            keep = trainable(model)
+            for name in [k for k in state if k not in keep]:
+                del state[name]
+
+    def load_hook(models, input_dir):
+        for i, model in enumerate(models):
+            path = Path(input_dir) / f"model{f'_{i}' if i else ''}.safetensors"
+            if not path.is_file():
+                raise CheckpointError(f"{path} is missing")
+            state = load_file(path, device=str(next(model.parameters()).device))
+            missing = trainable(model) - state.keys()
+            unexpected = state.keys() - dict(model.named_parameters()).keys()
+            if missing or unexpected:  # a checkpoint of another mode (full, other LoRA targets)
+                raise CheckpointError(f"{input_dir} does not hold this run's trainable weights ("
+                                      f"{len(missing)} missing, e.g. {sorted(missing)[:2]}; {len(unexpected)} "
+                                      f"unexpected, e.g. {sorted(unexpected)[:2]})")
+            model.load_state_dict(state, strict=False)
+        models.clear()  # loaded here: accelerate's strict full-model load is skipped
+
+    accelerator.register_save_state_pre_hook(save_hook)
+    accelerator.register_load_state_pre_hook(load_hook)
+
+
+def exportable(unwrapped, cfg: Config, out: Path):
+    """The plain Whisper model to export: LoRA merged into the base weights, so no adapter code is needed
+    to load it. With lora_save_adapter the adapter alone is saved first in out/adapter (peft's format)."""
+    if cfg.lora_r == 0:
+        return unwrapped
+    if cfg.lora_save_adapter:
+        unwrapped.save_pretrained(out / "adapter", safe_serialization=True)
+    return unwrapped.merge_and_unload()  # in place: the training model is not used after this
