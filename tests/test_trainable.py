@@ -42,7 +42,10 @@ def test_incompatible_training_settings_are_refused_together(tmp_path):
     assert "mask_feature_prob must be between 0 and 1, not 2.0" in text
     assert "lora_target_modules is empty" in text
     assert "lora_alpha must not be negative" in text
-    assert len(err.value.problems) == 6 + no_8bit
+    # the FSDP launch itself (tests/test_distributed.py): it needs CUDA, and generation on sharded weights is refused
+    assert "predict_with_generate is not supported with FSDP" in text
+    assert ("FSDP needs CUDA GPUs" in text) == (not torch.cuda.is_available())
+    assert len(err.value.problems) == 6 + no_8bit + 1 + (not torch.cuda.is_available())
     # Evaluation reads the same config and needs neither a GPU nor peft: only the value checks apply.
     path.write_text("optim: adamw_8bit\nlora_r: 8\n", encoding="utf-8")
     assert load_config(["--config", str(path)], env=env).optim == "adamw_8bit"
