@@ -54,7 +54,11 @@ def test_incompatible_training_settings_are_refused_together(tmp_path):
     path.write_text("lora_r: 8\n", encoding="utf-8")
     with pytest.raises(ConfigError, match="not supported with FSDP or DeepSpeed ZeRO-3"):
         load_config(["--config", str(path)], env=zero, training=True)
-    assert load_config(["--config", str(path)], env={**zero, "ACCELERATE_DEEPSPEED_ZERO_STAGE": "2"}, training=True)
+    try:
+        assert load_config(["--config", str(path)], env={**zero, "ACCELERATE_DEEPSPEED_ZERO_STAGE": "2"}, training=True)
+    except ConfigError as e:  # without CUDA or deepspeed the launch itself is refused (tests/test_distributed.py)
+        assert e.problems and not any("LoRA" in problem for problem in e.problems)
+        assert not torch.cuda.is_available() or not _installed("deepspeed")
 
 
 def test_8bit_adamw_on_cpu_is_one_clear_message(tiny_model, tmp_path):
