@@ -15,26 +15,38 @@ import os
 import sys
 from pathlib import Path
 
-from whisper_ft.config import Config, ConfigError, dump_yaml, load_config
+from whisper_ft.config import Config, ConfigError, config_warnings, dump_yaml, load_config, trackers
 
 EXIT_CONFIG, EXIT_ERROR, EXIT_STOPPED = 2, 1, 3
 
 
 def main(argv: list[str] | None = None) -> int:
+    # Everything that can be checked without the model and data is checked first: a wrong GPU, token or
+    # setting must stop the run in seconds, not after the model has loaded or a night has passed.
     try:
         cfg = load_config(argv, training=True)
+        from whisper_ft import device
+        on_cpu = device.choose(cfg)  # before anything touches CUDA
     except ConfigError as e:
         print(f"whisper-ft: the configuration has problems:\n{e}", file=sys.stderr)
         return EXIT_CONFIG
-    if cfg.gpu_device and "LOCAL_RANK" not in os.environ:  # plain `python train_loop.py -g 1`
-        os.environ["CUDA_VISIBLE_DEVICES"] = cfg.gpu_device
+    from whisper_ft import hub
+    try:
+        token_note = hub.check_token(cfg, offline=os.environ.get("HF_HUB_OFFLINE", "").upper() in
+                                     ("1", "ON", "YES", "TRUE"))
+    except hub.HubError as e:
+        print(f"whisper-ft: {e}", file=sys.stderr)
+        return EXIT_CONFIG
+    if os.environ.get("LOCAL_RANK", "0") == "0":
+        for note in ["warning: " + w for w in config_warnings(cfg)] + ([token_note] if token_note else []):
+            print(f"whisper-ft: {note}", file=sys.stderr, flush=True)
     from whisper_ft.checkpoint import CheckpointError
     from whisper_ft.data import DataError
     from whisper_ft.model import ModelError
     from whisper_ft.stopping import RunStopped
 
     try:
-        return train(cfg)
+        return train(cfg, on_cpu)
     except (DataError, ModelError, CheckpointError) as e:
         print(f"whisper-ft: {e}", file=sys.stderr)
         return EXIT_ERROR
@@ -43,31 +55,34 @@ def main(argv: list[str] | None = None) -> int:
         return e.exit_code
 
 
-def train(cfg: Config) -> int:
+def train(cfg: Config, on_cpu: bool = False) -> int:
     import torch
     from accelerate import Accelerator
     from accelerate.utils import DataLoaderConfiguration, set_seed
     from tqdm.auto import tqdm
 
-    from whisper_ft import batches, checkpoint, run, sharding, speed, stopping, trainable
+    from whisper_ft import batches, checkpoint, device, run, sharding, speed, stopping, trainable
     from whisper_ft.collate import Collator, decoder_inputs
     from whisper_ft.data import BadCounter, Prepare
     from whisper_ft.evaluation import evaluate, token_loss_sum
     from whisper_ft.languages import resolve
-    from whisper_ft.metrics_log import MetricsLog
+    from whisper_ft.metrics_log import MetricsLog, start_trackers
     from whisper_ft.model import generate_kwargs, load_whisper
     from whisper_ft.schedule import lr_at, set_lr
 
     # ---- set up: processes, model, data -----------------------------------------------------
+    out = Path(cfg.checkpoint_dir)
     accelerator = Accelerator(
-        mixed_precision=run.mixed_precision(cfg),
+        cpu=on_cpu,  # -g cpu: deliberately, whatever GPUs there are
+        mixed_precision=run.mixed_precision(cfg, on_cpu),
+        log_with=trackers(cfg) or None, project_dir=str(out),  # report_to, through accelerate's trackers
         gradient_accumulation_steps=cfg.gradient_accumulation_steps,
         # Each process reads its own shard; batches differ in shape, so nothing is dispatched (pitfall 5).
         dataloader_config=DataLoaderConfiguration(dispatch_batches=False, split_batches=False),
         step_scheduler_with_optimizer=False,  # the LR is a pure function of the step (pitfall 4)
     )
     say = run.Reporter(accelerator)
-    out = Path(cfg.checkpoint_dir)
+    say(device.describe(accelerator))
     set_seed(cfg.seed)
     lang = resolve(cfg.lang)
     processor, model = speed.load_fastest(load_whisper, cfg, lang, accelerator.mixed_precision, say)
@@ -103,20 +118,25 @@ def train(cfg: Config) -> int:
     accelerator.wait_for_everyone()
     checkpoint.check_shared(accelerator, out)
     state = run.fresh_state(cfg)
-    resumed_from = checkpoint.find_resumable(out, say)
-    checkpoint.agree_on_resume(accelerator, resumed_from)
+    # The newest readable checkpoint (unreadable ones are named and skipped); another run's is refused.
+    resumed_from, saved = checkpoint.resume(accelerator, out, say, accept=lambda s: run.resume_state(s, cfg, say))
+    checkpoint.agree_on_resume(accelerator, resumed_from)  # every process from the same one, or all from none
     if resumed_from is not None:
-        state = run.resume_state(checkpoint.read_state(resumed_from), cfg, say)  # refuses another run's state
-        accelerator.load_state(str(resumed_from))
+        state = saved
         bad.load_state_dict(state["bad"])
+        if state["step"] >= cfg.max_steps and (out / "config.json").is_file():  # rerun of a finished run
+            say(f"this run is finished: {resumed_from.name} is at max_steps {cfg.max_steps} and the final model is in "
+                f"{out}; nothing to do. Raise max_steps to train on, or set a new checkpoint_name for a new run.")
+            accelerator.end_training()
+            return 0
         say(f"resumed from {resumed_from} at step {state['step']}")
     if accelerator.is_main_process:
         checkpoint.check_disk(out, n_params, cfg.save_total_limit, say, trained=n_trained)
         (out / "config.yaml").write_text(dump_yaml(cfg), encoding="utf-8")
     accelerator.wait_for_everyone()
 
-    log = MetricsLog(out, accelerator.is_main_process, cfg.report_to == "tensorboard",
-                     resume_step=state["step"] if resumed_from else None)
+    start_trackers(accelerator, cfg.public_dict(), resume_step=state["step"] if resumed_from else None)
+    log = MetricsLog(out, accelerator, resume_step=state["step"] if resumed_from else None)
     micro_per_step = cfg.gradient_accumulation_steps
     train_iter = batches.train_batches(train_records, prepare, train_collate, cfg, rank, world, start_step=state["step"])
     if resumed_from is not None and hasattr(train_iter, "load_state_dict"):
@@ -128,6 +148,8 @@ def train(cfg: Config) -> int:
     nan_steps = stopping.injected_nan_steps()
     shift_right = decoder_inputs(accelerator.unwrap_model(model).config)
 
+    named_eval_bad: list[bool] = []
+
     def do_eval(step: int) -> None:
         metrics, rows, eval_bad = evaluate(model, eval_loader, processor.tokenizer, accelerator,
                                            generate_kwargs=gen_kwargs, should_stop=stopper.requested)
@@ -138,6 +160,11 @@ def train(cfg: Config) -> int:
                                       "Rerun the same command to resume.")
         state["pending_eval"] = False
         metrics["eval_bad_samples"] = len(eval_bad)
+        if eval_bad and not named_eval_bad:  # the same samples fail at every evaluation: name them once
+            say(f"evaluation skipped {len(eval_bad)} unusable samples: {batches.reasons(eval_bad)}; first: "
+                + "; ".join(f"{b.id} ({b.reason}{', ' + b.detail if b.detail else ''})" for b in eval_bad[:5]),
+                to_bar=True)
+            named_eval_bad.append(True)
         log.log(step, metrics)
         log.text(step, "eval/samples", run.samples_table(rows[:8]))
         if step == 0:
@@ -165,7 +192,7 @@ def train(cfg: Config) -> int:
         do_eval(state["step"])
     model.train()
     bar = tqdm(total=cfg.max_steps, initial=state["step"], disable=not accelerator.is_main_process,
-               desc="training", dynamic_ncols=True,
+               desc="training", dynamic_ncols=True, file=run.bar_file(),
                mininterval=1 if sys.stderr.isatty() else 60)  # a log file gets a line a minute, not a flood
     window = run.Window()
     throughput = speed.Throughput(accelerator.unwrap_model(model).config, world)

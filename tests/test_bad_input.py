@@ -93,6 +93,9 @@ def test_ten_percent_broken_completes_and_reports_every_reason(tiny_model, tmp_p
     assert "4 training samples are unusable and will be skipped and counted when drawn: 2 empty transcript" \
            in proc.stderr
     assert "skipped 10 unusable samples during training: 2 empty or truncated audio, 2 empty transcript" in proc.stderr
+    # evaluation's audio failures are named, like training's, once (not at every evaluation)
+    named = [line for line in proc.stderr.splitlines() if line.startswith("evaluation skipped 6 unusable samples: ")]
+    assert len(named) == 1 and f"{BAD / 'missing.mp3'} (missing file)" in named[0]
     assert (out / "config.json").is_file() and (out / "checkpoint-10").is_dir()
 
 
@@ -116,3 +119,83 @@ def test_half_broken_stops_with_the_reason_after_a_checkpoint(tiny_model, tmp_pa
     assert (out / "checkpoint-3" / "COMPLETE").is_file()
     assert [r["bad_samples"] for r in metrics(out) if "loss" in r] [-1] == n_bad
     assert not (out / "config.json").exists()  # no final model from a stopped run
+
+
+# ---------------------------------------------------------------------------------------------
+# Issue 9: messages naming the real cause; the bad-share abort decided with confidence
+
+
+def test_id3_only_mp3_and_a_folder_are_named_for_what_they_are(prepare, tmp_path):
+    from whisper_ft.data import Record
+
+    frame = b"TIT2" + (6).to_bytes(4, "big") + b"\x00\x00\x00hello"
+    (tmp_path / "tag_only.mp3").write_bytes(b"ID3\x03\x00\x00" + bytes([0, 0, 0, len(frame)]) + frame)
+    (tmp_path / "folder.mp3").mkdir()
+    (tmp_path / "zero.mp3").write_bytes(b"")
+    out = {name: prepare(Record(id=name, text="the cat sat down", path=str(tmp_path / name)))
+           for name in ("tag_only.mp3", "folder.mp3", "zero.mp3")}
+    assert (out["tag_only.mp3"].reason, out["tag_only.mp3"].detail) == (
+        "undecodable audio", "no audio frames: the file holds only an ID3 tag (26 bytes)")
+    assert (out["folder.mp3"].reason, out["folder.mp3"].detail) == ("not an audio file", "is a folder, not an audio file")
+    assert out["zero.mp3"].detail == "empty file (0 bytes)"
+    assert all("does not exist" not in o.detail for o in out.values())
+
+
+@pytest.mark.parametrize("n_bad,n_seen,threshold,stops", [
+    (2, 24, 0.05, False),  # the run the issue saw stopped: 8% of 24 happens by chance in a 4% corpus
+    (1, 19, 0.0, False),  # below 20 samples nothing is judged
+    (1, 20, 0.0, True),  # threshold 0: any bad sample is surely over it
+    (0, 10_000, 0.0, False),
+    (12, 24, 0.05, True),  # half broken: stops at the first check
+    (5, 40, 0.05, False),  # 12.5% of 40: not yet sure
+    (9, 40, 0.05, False),  # 22.5% of 40: P = 1.3e-4 in a 5% corpus, not quite sure
+    (10, 40, 0.05, True),  # 25% of 40: P = 2.1e-5
+    (60, 600, 0.05, True),  # 10% of 600: sure
+    (400, 10_000, 0.05, False),  # 4% of many: never
+])
+def test_bad_share_is_judged_with_confidence(n_bad, n_seen, threshold, stops):
+    from whisper_ft.stopping import bad_share_surely_over
+
+    assert bad_share_surely_over(n_bad, n_seen, threshold) is stops
+
+
+def test_a_four_percent_corpus_is_practically_never_stopped_and_a_half_broken_one_always_is():
+    """Simulated runs drawing 16 samples a step, checked after every step like the loop does."""
+    import numpy as np
+
+    from whisper_ft.stopping import bad_share_surely_over
+
+    def stopped_at(rate, rng, steps):
+        bad = seen = 0
+        for _ in range(steps):
+            bad, seen = bad + rng.binomial(16, rate), seen + 16
+            if bad_share_surely_over(bad, seen, 0.05):
+                return seen
+        return None
+
+    rng = np.random.default_rng(0)
+    assert [stopped_at(0.04, rng, 300) for _ in range(300)] == [None] * 300
+    half = [stopped_at(0.5, rng, 300) for _ in range(50)]
+    assert all(s is not None and s <= 48 for s in half)
+
+
+def old_rule_stops(seed: int, n: int, bad_rows: set[int], batch: int, steps: int) -> bool:
+    """Whether the rule before issue 9 (over 5% once 20 samples were seen) stopped this draw order."""
+    order = [i for b in TrainBatches(n, batch, seed=seed).epoch_batches(0)[:steps] for i in b]
+    return any(k >= 20 and sum(i in bad_rows for i in order[:k]) / k > 0.05 for k in range(batch, len(order) + 1, batch))
+
+
+def test_four_percent_bad_corpus_completes_with_seeds_the_old_rule_stopped(tiny_model, tmp_path):
+    """46 good + 2 missing/corrupt (4.2%): for seeds whose draw order put both bad samples among the first 24,
+    the old rule stopped the run in its first minute; now each run goes on and reports the two."""
+    data = corpus(tmp_path / "four.csv", good=46, bad_names=["missing.mp3", "corrupt.mp3"])
+    seeds = [s for s in range(500) if old_rule_stops(s, 48, {46, 47}, batch=4, steps=6)][:3]
+    assert len(seeds) == 3
+    for seed in seeds:
+        out = tmp_path / f"run{seed}"
+        cfg = base_config(tiny_model, out, dataset_name=str(data), per_device_train_batch_size=4, max_steps=6,
+                          eval_strategy="no", load_best_model_at_end=False, save_steps=100, seed=seed)
+        proc = run_train(cfg, tmp_path)
+        assert proc.returncode == 0, (seed, proc.stderr[-3000:])
+        final = metrics(out)[-1]
+        assert final["bad_samples"] == 2 and final["samples_seen"] == 22

@@ -213,6 +213,58 @@ def test_folder_of_split_manifests(tmp_path):
         load_records(str(tmp_path), "test")
 
 
+def test_split_manifests_beside_a_clips_folder_are_not_common_voice(tmp_path):
+    """train.csv, dev.csv and clips/: the most natural layout, once taken for a Common Voice release."""
+    (tmp_path / "clips").mkdir()
+    for n in (1, 2, 3):
+        shutil.copy(clip(n), tmp_path / "clips" / clip(n).name)
+    (tmp_path / "train.csv").write_text(f"path,text\nclips/{clip(1).name},{EN_1_8[0]}\nclips/{clip(2).name},{EN_1_8[1]}\n")
+    (tmp_path / "dev.csv").write_text(f"path,text\nclips/{clip(3).name},{EN_1_8[2]}\n")
+    records = load_records(str(tmp_path), "train", lang=resolve("en"))
+    assert [(Path(r.path), r.text) for r in records] == [(tmp_path / "clips" / clip(n).name, EN_1_8[n - 1]) for n in (1, 2)]
+    assert [r.text for r in load_records(str(tmp_path), "validation", lang=resolve("en"))] == [EN_1_8[2]]
+
+
+def test_audiofolder_with_its_clips_in_a_clips_folder(tmp_path, prepare):
+    (tmp_path / "clips").mkdir()
+    lines = ["file_name,transcription"]
+    for n in (1, 2, 3):
+        shutil.copy(clip(n), tmp_path / "clips" / clip(n).name)
+        lines.append(f"clips/{clip(n).name},{EN_1_8[n - 1]}")
+    (tmp_path / "metadata.csv").write_text("\n".join(lines) + "\n")
+    records = load_records(str(tmp_path), "train", lang=resolve("en"))
+    assert [r.text for r in records] == EN_1_8[:3] and reasons(prepare, records) == {"ok": 3}
+
+
+def test_common_voice_is_recognised_by_its_tsvs(tmp_path):
+    release = tmp_path / "cv-corpus-1" / "en"
+    shutil.copytree(CV_EN, release)
+    assert len(load_records(str(release), "train")) == 25  # clips/ + train.tsv: Common Voice
+    assert len(load_records(str(tmp_path), "train", lang=resolve("en"))) == 25  # its locale found under cv-corpus-*
+    (release / "train.tsv").rename(release / "renamed.txt")
+    for name in ("dev.tsv", "test.tsv", "validated.tsv", "clip_durations.tsv"):
+        (release / name).unlink()
+    with pytest.raises(DataError, match="not a Common Voice release"):  # clips/ alone is not enough
+        load_records(str(release), "train")
+
+
+def test_duplicate_rows_and_train_eval_overlap_are_warned_about(tmp_path, prepare):
+    from whisper_ft.batches import load_data
+
+    (tmp_path / "train.csv").write_text(f"path,text\n{clip(1)},{EN_1_8[0]}\n{clip(1)},{EN_1_8[0]}\n"
+                                        f"{clip(1)},another transcript\n{clip(2)},{EN_1_8[1]}\n")
+    (tmp_path / "dev.csv").write_text(f"path,text\n{clip(2)},{EN_1_8[1]}\n{clip(3)},{EN_1_8[2]}\n"
+                                      f"{clip(3)},{EN_1_8[2]}\n")
+    said = []
+    load_data(cfg_for(str(tmp_path)), resolve("en"), prepare, said.append)
+    log = "\n".join(said)
+    assert f"warning: 1 exact duplicate rows (same audio and transcript) in the training ({tmp_path} split 'train') " \
+           f"data: they count twice; first: {clip(1)}#3" in log  # the third row differs in its transcript
+    assert f"warning: 1 exact duplicate rows (same audio and transcript) in the evaluation data" in log
+    assert f"warning: 1 of 3 evaluation samples are also training samples (same audio file): their WER flatters " \
+           f"the model; first: {clip(2)}" in log
+
+
 def test_unknown_folder_is_a_clear_error(tmp_path):
     (tmp_path / "x.txt").write_text("hi")
     with pytest.raises(DataError, match="is a folder, but not a Common Voice release .* no parquet files"):
@@ -395,11 +447,18 @@ def test_load_data_refuses_unusable_datasets(tmp_path, prepare):
                                         r"3 empty transcript"):
         load_data(cfg_for(str(tmp_path / "empty.csv"), eval_strategy="no", load_best_model_at_end=False),
                   resolve("en"), prepare, print)
+    # The same rule as the loop's (stopping.bad_share_surely_over): 3 of 30 (10%) may come from a corpus
+    # under 5%, 9 of 30 (30%) cannot.
     rows = [f"{clip(n % 8 + 1)},{EN_1_8[n % 8]}" for n in range(27)] + [f"{clip(1)}, "] * 3
-    (tmp_path / "tenth.csv").write_text("path,text\n" + "\n".join(rows) + "\n")  # 3 of 30 empty: 10%
-    with pytest.raises(DataError, match=r"3 of 30 training samples .* are unusable \(10%, over max_bad_sample_fraction "
-                                        r"0.05\); commonest reason: empty transcript \(3\)"):
-        load_data(cfg_for(str(tmp_path / "tenth.csv"), eval_strategy="no", load_best_model_at_end=False),
+    (tmp_path / "tenth.csv").write_text("path,text\n" + "\n".join(rows) + "\n")
+    train, _ = load_data(cfg_for(str(tmp_path / "tenth.csv"), eval_strategy="no", load_best_model_at_end=False),
+                         resolve("en"), prepare, print)
+    assert len(train) == 30
+    rows = [f"{clip(n % 8 + 1)},{EN_1_8[n % 8]}" for n in range(21)] + [f"{clip(1)}, "] * 9
+    (tmp_path / "third.csv").write_text("path,text\n" + "\n".join(rows) + "\n")
+    with pytest.raises(DataError, match=r"9 of 30 training samples .* are unusable \(30%, over max_bad_sample_fraction "
+                                        r"0.05\); commonest reason: empty transcript \(9\)"):
+        load_data(cfg_for(str(tmp_path / "third.csv"), eval_strategy="no", load_best_model_at_end=False),
                   resolve("en"), prepare, print)
     (tmp_path / "sub").mkdir()
     (tmp_path / "sub" / "moved.csv").write_text("path,text\n" + "".join(f"clips/{n}.mp3,hi\n" for n in range(5)))

@@ -33,6 +33,7 @@ class FakeHub:
         self.requests: list[tuple[str, str, dict, bytes]] = []
         self.files: dict[str, bytes] = {}
         self.fail_first, self.status = dict(fail_first or {}), status
+        self.whoami = {"name": "tester", "type": "user", "orgs": []}
         hub = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -62,7 +63,7 @@ class FakeHub:
                         hub.fail_first[fragment] = n - 1
                         return self.reply(hub.status, {"error": "fake hub: failing on purpose"})
                 if path.startswith("/api/whoami"):
-                    return self.reply(200, {"name": "tester", "type": "user", "orgs": []})
+                    return self.reply(200, hub.whoami)
                 if path == "/api/repos/create":
                     req = json.loads(body)
                     return self.reply(200, {"url": f"{hub.url}/{req.get('organization')}/{req['name']}"})
@@ -253,3 +254,73 @@ def test_upload_list_adds_tensorboard_logs_only_when_asked(tmp_path):
     names = lambda files: sorted(p.relative_to(tmp_path).as_posix() for p in files)  # noqa: E731
     assert names(hub.upload_list(tmp_path)) == ["README.md", "config.json", "model.safetensors"]
     assert names(hub.upload_list(tmp_path, logs=True))[-1] == "runs/events.out.tfevents.1"
+
+
+# ---------------------------------------------------------------------------------------------
+# The token, checked before training (issue 9)
+
+
+def whoami_info(role, scoped=None):
+    token = {"displayName": "t", "role": role}
+    if scoped is not None:
+        token["fineGrained"] = {"scoped": scoped, "global": []}
+    return {"name": "tester", "type": "user", "auth": {"type": "access_token", "accessToken": token}}
+
+
+@pytest.mark.parametrize("info,namespace,ok", [
+    (whoami_info("write"), "tester", True),
+    (whoami_info("read"), "tester", False),
+    (whoami_info("fineGrained", [{"entity": {"type": "user", "name": "tester"},
+                                  "permissions": ["repo.content.read", "repo.write"]}]), "tester", True),
+    (whoami_info("fineGrained", [{"entity": {"type": "user", "name": "tester"},
+                                  "permissions": ["repo.content.read"]}]), "tester", False),
+    (whoami_info("fineGrained", [{"entity": {"type": "user", "name": "tester"},
+                                  "permissions": ["repo.write"]}]), "some-org", False),
+    ({"name": "tester", "type": "user"}, "tester", True),  # no token details (OAuth): the upload will tell
+])
+def test_write_permission_decision(info, namespace, ok):
+    from whisper_ft.hub import can_write
+
+    assert can_write(info, namespace)[0] is ok
+
+
+def test_check_token_offline_online_and_refused():
+    from types import SimpleNamespace
+
+    from whisper_ft.hub import HubError, check_token
+
+    cfg = SimpleNamespace(push_to_hub=True, hf_token=TOKEN, hub_model_id="", checkpoint_name="x")
+    assert "could not be verified" in check_token(cfg, offline=True, whoami=lambda: 1 / 0)
+    assert check_token(SimpleNamespace(push_to_hub=False), offline=False, whoami=lambda: 1 / 0) is None
+    assert "verified: it can write to tester" in check_token(cfg, offline=False, whoami=lambda: whoami_info("write"))
+    with pytest.raises(HubError, match="cannot upload to tester: it is a read-only token"):
+        check_token(cfg, offline=False, whoami=lambda: whoami_info("read"))
+    with pytest.raises(HubError, match="cannot upload to my-org: this fine-grained token has no repo.write"):
+        check_token(SimpleNamespace(push_to_hub=True, hf_token=TOKEN, hub_model_id="my-org/m", checkpoint_name="x"),
+                    offline=False, whoami=lambda: whoami_info("fineGrained", []))
+
+    class Refused(Exception):
+        response = SimpleNamespace(status_code=401)
+
+    def refuse():
+        raise Refused(f"401 Unauthorized for token {TOKEN}")
+
+    with pytest.raises(HubError) as err:
+        check_token(cfg, offline=False, whoami=refuse)
+    assert "did not accept the token" in str(err.value) and TOKEN not in str(err.value)
+
+
+def test_read_only_token_stops_before_the_model_loads(tmp_path):
+    """Online, against the stand-in Hub: whoami says read-only, so the run ends in seconds, not after training."""
+    hub = FakeHub()
+    hub.whoami = whoami_info("read")
+    try:
+        cfg = {"push_to_hub": True, "whisper_pretrained": "/nonexistent/whisper", "checkpoint_dir": str(tmp_path / "o"),
+               "lang": "en", "fp16": False}
+        proc = run_train(cfg, tmp_path, env=hub.env())
+    finally:
+        hub.close()
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "the Hub token of tester cannot upload to tester: it is a read-only token" in proc.stderr
+    assert "/nonexistent/whisper" not in proc.stderr and TOKEN not in proc.stderr and "Traceback" not in proc.stderr
+    assert hub.paths("/api/whoami") and not hub.paths("/api/repos/create")

@@ -175,3 +175,29 @@ def test_a_second_signal_exits_at_once():
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+
+
+def test_truncated_newest_weights_resume_from_the_older_checkpoint(tiny_model, tmp_path):
+    """Issue 9: a newest checkpoint whose model.safetensors was cut short ended the run in a SafetensorError
+    traceback; now it is named, kept on disk, and the run resumes from the one before."""
+    out = tmp_path / "run"
+    cfg = base_config(tiny_model, out, max_steps=6, save_steps=2, eval_steps=100, save_total_limit=0)
+    assert run_train(cfg, tmp_path, "--stop-at-step", "4").returncode == 0
+    weights = out / "checkpoint-4" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-1000])
+    proc = run_train(cfg, tmp_path, "--stop-at-step", "3")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "skipping checkpoint-4: unreadable (model.safetensors: " in proc.stderr
+    assert f"resumed from {out / 'checkpoint-2'} at step 2" in proc.stderr and "Traceback" not in proc.stderr
+    assert weights.is_file() and (out / "checkpoint-3" / "COMPLETE").is_file()
+
+
+def test_rerunning_a_finished_run_says_so_and_exports_nothing_again(tiny_model, tmp_path):
+    out = tmp_path / "run"
+    cfg = base_config(tiny_model, out, max_steps=2, save_steps=2, eval_steps=2)
+    assert run_train(cfg, tmp_path).returncode == 0
+    before = {p: (p.stat().st_mtime_ns, p.read_bytes()) for p in out.rglob("*") if p.is_file()}
+    proc = run_train(cfg, tmp_path)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "this run is finished: checkpoint-2 is at max_steps 2" in proc.stderr
+    assert {p: (p.stat().st_mtime_ns, p.read_bytes()) for p in out.rglob("*") if p.is_file()} == before

@@ -101,3 +101,54 @@ def test_checkpoints_found_but_none_readable_is_an_error(tmp_path):
     fake_checkpoint(tmp_path, 10, complete=False)
     with pytest.raises(checkpoint.CheckpointError, match="refusing to start over"):
         checkpoint.find_resumable(tmp_path, lambda m: None)
+
+
+def real_checkpoint(root, step):
+    """A checkpoint with the file kinds accelerate writes: safetensors weights, torch-saved optimizer and RNG."""
+    import torch
+    from safetensors.torch import save_file
+
+    path = fake_checkpoint(root, step)
+    save_file({"w": torch.arange(64, dtype=torch.float32).reshape(8, 8), "b": torch.ones(8)},
+              str(path / "model.safetensors"))
+    torch.save({"state": {0: {"exp_avg": torch.zeros(64)}}, "param_groups": []}, path / "optimizer.bin")
+    torch.save({"torch": torch.get_rng_state()}, path / "random_states_0.pkl")
+    return path
+
+
+@pytest.mark.parametrize("name,damage", [
+    ("model.safetensors", lambda b: b[: len(b) - 100]),  # truncated weights
+    ("model.safetensors", lambda b: b[:5]),  # not even a header length
+    ("model.safetensors", lambda b: b[:8] + b"\0" * (len(b) - 8)),  # header zeroed
+    ("optimizer.bin", lambda b: b[: len(b) // 2]),
+    ("random_states_0.pkl", lambda b: b[:100]),
+    ("trainer_state.json", lambda b: b[:3]),
+])
+def test_a_checkpoint_with_an_unreadable_file_is_named_and_skipped_never_deleted(tmp_path, name, damage):
+    real_checkpoint(tmp_path, 2)
+    newest = real_checkpoint(tmp_path, 4)
+    assert checkpoint.unreadable_file(newest) is None
+    (newest / name).write_bytes(damage((newest / name).read_bytes()))
+    messages = []
+    assert checkpoint.find_resumable(tmp_path, messages.append).name == "checkpoint-2"
+    assert len(messages) == 1 and messages[0].startswith(f"skipping checkpoint-4: unreadable ({name}")
+    assert (newest / name).is_file()
+
+
+def test_a_checkpoint_that_fails_to_load_falls_back_to_the_older_one(tmp_path):
+    real_checkpoint(tmp_path, 2)
+    real_checkpoint(tmp_path, 4)
+
+    class Accelerator:
+        loaded = []
+
+        def load_state(self, path):
+            if path.endswith("checkpoint-4"):
+                raise RuntimeError("safetensors_rust.SafetensorError: invalid tensor data\nmore")
+            self.loaded.append(path)
+
+    messages = []
+    path, state = checkpoint.resume(Accelerator(), tmp_path, messages.append)
+    assert path.name == "checkpoint-2" and state == {"step": 2} and Accelerator.loaded == [str(path)]
+    assert messages == ["skipping checkpoint-4: could not be loaded (RuntimeError: safetensors_rust.SafetensorError: "
+                        "invalid tensor data)"]

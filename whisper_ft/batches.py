@@ -68,9 +68,10 @@ def load_data(cfg: Config, lang, prepare, say) -> tuple[Any, list]:
             train = train[: cfg.max_train_samples]
         bad = _usable(train, prepare)[1]
         if len(bad) == len(train):
-            raise DataError(f"no usable training sample in {where}" + (f" ({len(bad)} unusable: {_reasons(bad)}; "
+            raise DataError(f"no usable training sample in {where}" + (f" ({len(bad)} unusable: {reasons(bad)}; "
                             "first: " + "; ".join(f"{b.id} ({b.reason})" for b in bad[:3]) + ")" if bad else ""))
-        if len(train) >= 20 and len(bad) / len(train) > cfg.max_bad_sample_fraction:
+        from whisper_ft.stopping import bad_share_surely_over
+        if bad_share_surely_over(len(bad), len(train), cfg.max_bad_sample_fraction):  # the loop's rule, see there
             reason, n = Counter(b.reason for b in bad).most_common(1)[0]
             raise DataError(f"{len(bad)} of {len(train)} training samples in {where} are unusable "
                             f"({100 * len(bad) / len(train):.0f}%, over max_bad_sample_fraction "
@@ -87,20 +88,51 @@ def load_data(cfg: Config, lang, prepare, say) -> tuple[Any, list]:
     evals = [evals[i] for i in keep][: cfg.max_eval_samples or None]
     if cfg.eval_strategy != "no" and not evals:
         raise DataError(f"no usable evaluation sample in {cfg.dataset_name} split {cfg.eval_split!r}"
-                        + (f" ({len(eval_bad)} unusable: {_reasons(eval_bad)})" if eval_bad else ""))
+                        + (f" ({len(eval_bad)} unusable: {reasons(eval_bad)})" if eval_bad else ""))
     size = len(train) if isinstance(train, list) else "streamed"
     say(f"data: {size} training samples ({cfg.train_split}), {len(evals)} evaluation samples ({cfg.eval_split})")
     if bad:
-        say(f"{len(bad)} training samples are unusable and will be skipped and counted when drawn: {_reasons(bad)}; "
+        say(f"{len(bad)} training samples are unusable and will be skipped and counted when drawn: {reasons(bad)}; "
             "first: " + "; ".join(f"{b.id} ({b.reason})" for b in bad[:3]))
     if eval_bad:
-        say(f"skipped {len(eval_bad)} evaluation samples before starting: {_reasons(eval_bad)}; first: "
+        say(f"skipped {len(eval_bad)} evaluation samples before starting: {reasons(eval_bad)}; first: "
             + "; ".join(f"{b.id} ({b.reason})" for b in eval_bad[:3]))
     train_ids = {r.id for r in train} if isinstance(train, list) else set()
     if evals and all(r.id in train_ids for r in evals):
         say(f"warning: all {len(evals)} evaluation samples are training samples too (a manifest without a "
             "split column gives every split all its rows): the evaluation measures memorisation, not accuracy")
+    elif isinstance(train, list):
+        train_audio = {_audio_key(r) for r in train}
+        shared = [r for r in evals if _audio_key(r) in train_audio]
+        if shared:
+            say(f"warning: {len(shared)} of {len(evals)} evaluation samples are also training samples (same audio "
+                "file): their WER flatters the model; first: " + ", ".join(r.id for r in shared[:3]))
+    for what, records in [(f"training ({label or where})", part) for label, part in train_parts
+                          if isinstance(part, list)] + [("evaluation", evals)]:
+        dups = _duplicates(records)
+        if dups:
+            say(f"warning: {len(dups)} exact duplicate rows (same audio and transcript) in the {what} data: they "
+                "count twice; first: " + ", ".join(dups[:3]))
     return train, evals
+
+
+def _audio_key(record) -> str:
+    """The audio a record points to: its file, or (bytes from a Hub dataset) its id."""
+    import os
+    return os.path.normpath(record.path) if record.path else record.id  # no syscalls: corpora have 1M rows
+
+
+def _duplicates(records) -> list[str]:
+    """Ids of rows repeating an earlier row's audio and transcript exactly (a copy-paste or a joined export)."""
+    seen, dups = set(), []
+    for r in records:
+        key = (_audio_key(r), r.text.strip())
+        if r.problem:
+            continue
+        if key in seen:
+            dups.append(r.id)
+        seen.add(key)
+    return dups
 
 
 def _usable(records, prepare) -> tuple[list[int], list[Bad]]:
@@ -115,7 +147,7 @@ def _usable(records, prepare) -> tuple[list[int], list[Bad]]:
     return keep, bad
 
 
-def _reasons(items: list[Bad]) -> str:
+def reasons(items: list[Bad]) -> str:
     from collections import Counter
     return ", ".join(f"{n} {reason}" for reason, n in Counter(b.reason for b in items).most_common())
 

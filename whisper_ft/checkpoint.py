@@ -182,26 +182,97 @@ def _fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
-def find_resumable(root: Path, say) -> Path | None:
+def find_resumable(root: Path, say, skip: set[Path] = frozenset()) -> Path | None:
     """The newest checkpoint that is complete and readable; unreadable ones are reported and skipped.
 
     Finding checkpoints but being able to read none stops the run: silently starting again from step 0
-    would overwrite a night of training.
+    would overwrite a night of training. Nothing is ever deleted here: an unreadable checkpoint stays
+    for the user to inspect (and is pruned later like any old one).
     """
     candidates = [p for p in root.glob("checkpoint-*") if p.is_dir() and NAME.match(p.name)] if root.is_dir() else []
     for path in sorted(candidates, key=step_of, reverse=True):
+        if path in skip:
+            continue
         if not (path / COMPLETE).is_file():
             say(f"skipping {path.name}: incomplete (its save was interrupted)")
             continue
         try:
             read_state(path)
-            return path
         except (OSError, ValueError, KeyError) as e:
-            say(f"skipping {path.name}: unreadable ({e})")
+            say(f"skipping {path.name}: unreadable ({STATE_FILE}: {e})")
+            continue
+        problem = unreadable_file(path)
+        if problem:
+            say(f"skipping {path.name}: unreadable ({problem})")
+            continue
+        return path
     if candidates:
         raise CheckpointError(f"{root} holds checkpoints but none is complete and readable; refusing to start "
                               "over from step 0. Move them away (or set a new checkpoint_name) to start fresh.")
     return None
+
+
+def unreadable_file(folder: Path) -> str | None:
+    """The first file of a checkpoint that cannot be read whole, and why; None when all can.
+
+    Cheap but real: a safetensors file's header must parse and its tensors must end exactly at the
+    file's end; torch's zip files (optimizer.bin, random_states_*.pkl, scaler.pt) must have their
+    central directory (written last, so a truncated file has none) and every member within the file;
+    JSON must parse. A disk that truncated or zeroed a file fails one of these; bit flips inside the
+    tensor data would only show at load, which resume() catches.
+    """
+    import struct
+    import zipfile
+
+    for path in sorted(folder.iterdir()):
+        try:
+            size = path.stat().st_size
+            if path.suffix == ".safetensors":
+                with open(path, "rb") as f:
+                    head = f.read(8)
+                    if len(head) < 8:
+                        return f"{path.name}: truncated ({size} bytes)"
+                    n = struct.unpack("<Q", head)[0]
+                    if n > size - 8:
+                        return f"{path.name}: truncated (header says {n} bytes, file has {size})"
+                    header = json.loads(f.read(n))
+                end = max((t["data_offsets"][1] for k, t in header.items() if k != "__metadata__"), default=0)
+                if 8 + n + end != size:
+                    return f"{path.name}: {size} bytes, but its tensors need {8 + n + end}"
+            elif path.suffix in (".bin", ".pkl", ".pt", ".pth"):
+                if not zipfile.is_zipfile(path):
+                    return f"{path.name}: truncated or not a torch file"
+                with zipfile.ZipFile(path) as z:
+                    if any(i.header_offset + i.compress_size > size for i in z.infolist()):
+                        return f"{path.name}: truncated"
+            elif path.suffix == ".json":
+                json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError, KeyError, TypeError, IndexError, zipfile.BadZipFile) as e:
+            return f"{path.name}: {type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
+    return None
+
+
+def resume(accelerator, root: Path, say, accept=lambda state: state) -> tuple[Path | None, dict[str, Any] | None]:
+    """Load the newest loadable checkpoint into the accelerator's model and optimizer: (its path, its state).
+
+    `accept(state)` sees the checkpoint's state before anything is loaded and returns the state to go on
+    with, or raises (another run's checkpoint must be refused, not half-loaded into this model). A
+    checkpoint that passes find_resumable's checks but still fails to load (damaged tensor data) is
+    reported by name and the next older one is loaded instead; the later load overwrites everything the
+    failed one may have half-loaded.
+    """
+    failed: set[Path] = set()
+    while True:
+        path = find_resumable(root, say, skip=failed)
+        if path is None:
+            return None, None
+        state = accept(read_state(path))
+        try:
+            accelerator.load_state(str(path))
+            return path, state
+        except Exception as e:  # safetensors, torch and pickle raise many types for a damaged file
+            say(f"skipping {path.name}: could not be loaded ({type(e).__name__}: {str(e).splitlines()[0][:200]})")
+            failed.add(path)
 
 
 def check_disk(root: Path, n_params: int, save_total_limit: int, say, trained: int | None = None) -> None:

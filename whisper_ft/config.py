@@ -10,6 +10,8 @@ import argparse
 import dataclasses
 import difflib
 import os
+import re
+import sys
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
@@ -48,7 +50,7 @@ class Config:
     streaming: bool = False  # stream a Hub dataset instead of downloading it whole
     max_train_samples: int = 0  # use at most this many training samples (0 = all); for quick trials
     max_eval_samples: int = 0  # evaluate on at most this many samples (0 = all)
-    max_bad_sample_fraction: float = 0.05  # stop when more than this share of samples seen is unusable
+    max_bad_sample_fraction: float = 0.05  # stop when the unusable share is surely (99.99%, binomial test) above this
     # --- output ------------------------------------------------------------------------------
     checkpoint_name: str = ""  # run name; default <model_name>-<lang>
     checkpoint_dir: str = ""  # where checkpoints, logs and the final model go; default ./checkpoints/<checkpoint_name>
@@ -93,7 +95,7 @@ class Config:
     save_steps: int = 1000  # save a checkpoint every this many optimizer steps
     save_total_limit: int = 3  # keep at most this many checkpoints (the best is always kept; 0 = all)
     logging_steps: int = 25  # log loss and lr every this many optimizer steps
-    report_to: str = "tensorboard"  # tensorboard or none
+    report_to: str = "tensorboard"  # trackers: tensorboard, wandb, mlflow, ... (list or comma-separated) or none
     load_best_model_at_end: bool = True  # export the best checkpoint by metric_for_best_model, not the last
     metric_for_best_model: str = "wer"  # wer, cer, wer_ortho or loss
     greater_is_better: bool = False  # whether a larger metric_for_best_model is better
@@ -102,7 +104,7 @@ class Config:
     hub_model_id: str = ""  # Hub repo to upload to; default <your user>/<checkpoint_name>
     hub_private: bool = False  # create the Hub repo as private
     hf_token: str = ""  # Hub token; default $HF_TOKEN or the `hf auth login` cache. Never logged or saved
-    gpu_device: str = ""  # GPU id(s) for plain `python train_loop.py`; use --gpu_ids with accelerate launch
+    gpu_device: str = ""  # GPU id(s) to train on, or cpu; empty = CUDA if present (accelerate launch: --gpu_ids)
 
     def __repr__(self) -> str:  # the token must never reach a log line
         return f"Config({', '.join(f'{k}={v!r}' for k, v in self.public_dict().items())})"
@@ -112,12 +114,18 @@ class Config:
         return {k: v for k, v in dataclasses.asdict(self).items() if k != "hf_token"}
 
 
-# The original guide's short flags keep their meaning.
+# The original guide's flags keep their meaning: its short forms, and its long forms where they differ from ours.
 SHORT_FLAGS = {"gpu_device": "-g", "lang": "-l", "dataset_name": "-dn", "dataset_cache": "-dc", "model_name": "-mn",
                "model_cache": "-mc", "whisper_pretrained": "-wp", "checkpoint_name": "-ck", "checkpoint_dir": "-cd",
                "max_steps": "-t"}
+GUIDE_LONG_FLAGS = {"gpu_device": "--gpu", "dataset_name": "--name", "dataset_cache": "--cache"}
+DEFAULT_CONFIG = "config.yaml"  # read when --config is not given and it exists (the guide's default)
+# accelerate's tracker names (Accelerator(log_with=...)) -> the package each needs
+TRACKERS = {"tensorboard": "tensorboard", "wandb": "wandb", "mlflow": "mlflow", "comet_ml": "comet_ml", "aim": "aim",
+            "clearml": "clearml", "dvclive": "dvclive", "swanlab": "swanlab", "trackio": "trackio"}
+PLACEHOLDER_TOKEN = re.compile(r"^<.*>$|^(your|my)[_-]?(hf[_-]?)?token$|^hf_x+$|^xxx+$", re.I)  # the guide's <your_hf_token>
 CHOICES = {"task": ("transcribe", "translate"), "eval_strategy": ("steps", "no"),
-           "lr_scheduler_type": ("linear", "constant_with_warmup", "cosine"), "report_to": ("tensorboard", "none"),
+           "lr_scheduler_type": ("linear", "constant_with_warmup", "cosine"),
            "metric_for_best_model": METRICS, "optim": ("adamw_torch", "adamw_8bit")}
 COMMA_LISTS = ("lora_target_modules",)  # str fields that also take a YAML list, stored comma-separated
 POSITIVE = ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps", "max_steps",
@@ -133,9 +141,11 @@ TRI_STATE = {"gradient_checkpointing": ("true", "false", "encoder"), "torch_comp
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description="Fine-tune Whisper. Settings come from --config and are overridden by flags.",
                                 argument_default=argparse.SUPPRESS, allow_abbrev=False)
-    p.add_argument("--config", default=None, help="YAML file with settings (see config.yaml)")
+    p.add_argument("--config", default=None,
+                   help=f"YAML file with settings (see config.yaml); default ./{DEFAULT_CONFIG} when it exists")
     for f in fields(Config):
         flags = [SHORT_FLAGS[f.name]] if f.name in SHORT_FLAGS else []
+        flags += [GUIDE_LONG_FLAGS[f.name]] if f.name in GUIDE_LONG_FLAGS else []
         flags.append("--" + f.name.replace("_", "-"))
         comment = _comments().get(f.name, "").replace("%", "%%")  # argparse reads % as a format
         if f.name in TRI_STATE:  # --x means true, --no-x false, --x VALUE any of its values
@@ -145,6 +155,8 @@ def build_parser() -> argparse.ArgumentParser:
                            help=argparse.SUPPRESS)
         elif f.type == "bool":
             p.add_argument(*flags, dest=f.name, action=argparse.BooleanOptionalAction, help=comment)
+        elif f.name == "report_to":  # --report-to tensorboard wandb, or --report-to tensorboard,wandb
+            p.add_argument(*flags, dest=f.name, nargs="+", metavar="TRACKER", help=comment)
         else:
             p.add_argument(*flags, dest=f.name, metavar=f.name.upper(), help=comment)
     return p
@@ -166,8 +178,12 @@ def load_config(argv: list[str] | None = None, env: dict[str, str] | None = None
     cli = {k: v for k, v in vars(args).items() if k != "config"}
 
     values: dict[str, Any] = {}
-    if args.config is not None:
-        values, yaml_problems = _read_yaml(args.config)
+    config_path = args.config
+    if config_path is None and Path(DEFAULT_CONFIG).is_file():  # the guide: --config defaults to config.yaml
+        config_path = DEFAULT_CONFIG
+        print(f"whisper-ft: no --config given; reading ./{DEFAULT_CONFIG}", file=sys.stderr, flush=True)
+    if config_path is not None:
+        values, yaml_problems = _read_yaml(config_path)
         problems += yaml_problems
     values.update(cli)
 
@@ -177,8 +193,14 @@ def load_config(argv: list[str] | None = None, env: dict[str, str] | None = None
             setattr(cfg, key, _coerce(key, raw))
         except ValueError as e:
             problems.append(str(e))
+    if PLACEHOLDER_TOKEN.match(cfg.hf_token.strip()):  # the guide's `hf_token: <your_hf_token>`, never a real one
+        if cfg.push_to_hub:
+            problems.append(f"hf_token is still the placeholder {cfg.hf_token!r}: put your Hugging Face write token "
+                            "there (or set HF_TOKEN / run `hf auth login` and delete the line), or set push_to_hub: false")
+        cfg.hf_token = ""  # not sent anywhere; $HF_TOKEN or the login cache are used instead
     _derive(cfg, env)
-    problems += validate(cfg)
+    problems += [p for p in validate(cfg) if not (p.startswith("push_to_hub needs") and any(
+        "placeholder" in q for q in problems))]
     if training:
         from whisper_ft.sharding import launch_problems
         problems += environment_problems(cfg, env)
@@ -192,9 +214,11 @@ def _read_yaml(path: str) -> tuple[dict[str, Any], list[str]]:
     if not Path(path).is_file():
         return {}, [f"config file {path!r} does not exist"]
     try:
-        data = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
+        data = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
     except yaml.YAMLError as e:
         return {}, [f"{path} is not valid YAML: {e}"]
+    if data is None:  # an empty file given on purpose is a mistake (wrong file, failed copy), not "all defaults"
+        return {}, [f"config file {path} is empty; give settings in it, or leave out --config to use the defaults"]
     if not isinstance(data, dict):
         return {}, [f"{path} must hold a mapping of setting: value, not {type(data).__name__}"]
     problems = [_unknown_key(k, path) for k in data if k not in FIELD_TYPES]
@@ -205,7 +229,7 @@ def _coerce(key: str, raw: Any) -> Any:
     """Convert a YAML or command-line value to the field's type, or raise a ValueError naming the key."""
     kind = FIELD_TYPES[key]
     if raw is None:
-        return getattr(Config(), key) if kind != "str" or key in TRI_STATE else ""
+        return getattr(Config(), key) if kind != "str" or key in TRI_STATE or key == "report_to" else ""
     if key in TRI_STATE:
         value = {"yes": "true", "1": "true", "no": "false", "0": "false"}.get(str(raw).lower(), str(raw).lower())
         if isinstance(raw, bool):
@@ -235,6 +259,11 @@ def _coerce(key: str, raw: Any) -> Any:
             raise ValueError(f"{key} must be a number, not {raw!r}") from None
     if isinstance(raw, bool):  # YAML 1.1 reads `no` (eval_strategy: no, lang: no for Norwegian) as false
         return "no" if raw is False else "yes"
+    if key == "report_to":  # a list (the guide's YAML) or a comma-separated string
+        items = raw if isinstance(raw, (list, tuple)) else str(raw).split(",")
+        if not all(isinstance(i, str) for i in items):
+            raise ValueError(f"report_to must be tracker names, not {raw!r}")
+        return ",".join(i.strip().lower() for i in items if i.strip()) or "none"
     if isinstance(raw, list) and key in COMMA_LISTS and all(isinstance(x, str) for x in raw):
         return ",".join(x.strip() for x in raw)
     if isinstance(raw, (dict, list)):
@@ -272,6 +301,13 @@ def validate(cfg: Config) -> list[str]:
             problems.append(f"{key} is {getattr(cfg, key)!r}; choose one of: {', '.join(options)}")
     problems += [f"{k} must be at least 1, not {getattr(cfg, k)}" for k in POSITIVE if getattr(cfg, k) < 1]
     problems += [f"{k} must not be negative, not {getattr(cfg, k)}" for k in NON_NEGATIVE if getattr(cfg, k) < 0]
+    problems += _report_to_problems(cfg.report_to)
+    if cfg.gpu_device and cfg.gpu_device.strip().lower() != "cpu" and not re.fullmatch(r"\d+(,\d+)*",
+                                                                                       cfg.gpu_device.replace(" ", "")):
+        problems.append(f"gpu_device is {cfg.gpu_device!r}; give GPU ids (0, or 0,1), cpu, or leave it empty")
+    if Path(cfg.checkpoint_dir).exists() and not Path(cfg.checkpoint_dir).is_dir():
+        problems.append(f"checkpoint_dir {cfg.checkpoint_dir} is a file, not a folder; choose another checkpoint_dir "
+                        "(or checkpoint_name)")
     if not 0 <= cfg.max_bad_sample_fraction <= 1:
         problems.append(f"max_bad_sample_fraction must be between 0 and 1, not {cfg.max_bad_sample_fraction}")
     if cfg.fp16 and cfg.bf16:
@@ -297,6 +333,36 @@ def validate(cfg: Config) -> list[str]:
     return problems
 
 
+def _report_to_problems(report_to: str) -> list[str]:
+    """Every tracker named must be one accelerate knows and its package importable, checked before any work."""
+    import importlib.util
+
+    names = report_to.split(",")
+    if "none" in names:
+        return [] if names == ["none"] else [f"report_to {report_to!r}: none turns logging off; do not combine it"]
+    problems = []
+    for name in names:
+        if name not in TRACKERS:
+            problems.append(f"report_to {name!r} is not a tracker; choose from: none, {', '.join(TRACKERS)}")
+        elif importlib.util.find_spec(TRACKERS[name]) is None and not (
+                name == "tensorboard" and importlib.util.find_spec("tensorboardX")):
+            problems.append(f"report_to {name} needs the {TRACKERS[name]} package: pip install {TRACKERS[name]} "
+                            f"(or remove {name} from report_to)")
+    return problems
+
+
+def trackers(cfg: Config) -> list[str]:
+    """The trackers to pass to Accelerator(log_with=...); empty when report_to is none."""
+    return [] if cfg.report_to == "none" else cfg.report_to.split(",")
+
+
+def config_warnings(cfg: Config) -> list[str]:
+    """Settings that are allowed but probably not meant: reported before the run starts, not refused."""
+    notes = []
+    if cfg.warmup_steps >= cfg.max_steps:
+        notes.append(f"warmup_steps {cfg.warmup_steps} >= max_steps {cfg.max_steps}: the learning rate never reaches "
+                     f"learning_rate {cfg.learning_rate:g}; lower warmup_steps (e.g. to {max(0, cfg.max_steps // 10)})")
+    return notes
 def _training_mode_problems(cfg: Config) -> list[str]:
     """The LoRA and SpecAugment values themselves."""
     import re
@@ -361,7 +427,7 @@ def _unknown_key(key: str, where: str) -> str:
 
 def _unknown_flag(flag: str) -> str:
     name = flag.split("=", 1)[0]
-    options = ["--" + k.replace("_", "-") for k in FIELD_TYPES] + ["--config"]
+    options = ["--" + k.replace("_", "-") for k in FIELD_TYPES] + ["--config"] + list(GUIDE_LONG_FLAGS.values())
     close = difflib.get_close_matches(name, options, n=1)
     hint = f"; did you mean {close[0]}?" if close else ""
     return f"unknown option {name}{hint}"

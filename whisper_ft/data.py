@@ -81,6 +81,8 @@ class BadCounter:
 def decode_audio(record: Record) -> np.ndarray:
     """float32 mono 16 kHz samples; raises FileNotFoundError, or another error for a broken file."""
     data = record.fetch() if record.fetch is not None else record.audio_bytes
+    if data is None and record.path is not None and Path(record.path).is_dir():
+        raise IsADirectoryError(record.path)
     if data is None and (record.path is None or not Path(record.path).is_file()):
         raise FileNotFoundError(record.path)
     source = io.BytesIO(data) if data is not None else record.path
@@ -89,6 +91,31 @@ def decode_audio(record: Record) -> np.ndarray:
     if rate != SAMPLE_RATE and len(audio):
         audio = soxr.resample(audio, rate, SAMPLE_RATE)
     return np.ascontiguousarray(audio, dtype=np.float32)
+
+
+def undecodable_detail(record: Record, error: Exception) -> str:
+    """Why a file that exists could not be decoded, in words that name the real cause.
+
+    libsndfile says "File does not exist or is not a regular file" for any file it cannot open, even an
+    existing one: an empty file, or an MP3 holding only an ID3 tag (a failed download or export, common
+    in scraped corpora). Those are told apart by their bytes; for the rest its message is kept.
+    """
+    try:
+        head = record.audio_bytes if record.audio_bytes is not None else Path(record.path).read_bytes() \
+            if record.path and Path(record.path).stat().st_size <= 1 << 20 else b""
+    except (OSError, TypeError):
+        head = b""
+    if record.path and Path(record.path).is_file() and Path(record.path).stat().st_size == 0:
+        return "empty file (0 bytes)"
+    if head[:3] == b"ID3" and len(head) >= 10:
+        tag = 10 + int.from_bytes(bytes(b & 0x7F for b in head[6:10]), "big") + (10 if head[5] & 0x10 else 0)
+        if not head[tag:].strip(b"\x00"):
+            return f"no audio frames: the file holds only an ID3 tag ({len(head)} bytes)"
+    why = str(error).splitlines()[0] if str(error) else type(error).__name__
+    why = why.split("': ", 1)[-1]
+    if why.startswith("File does not exist"):  # libsndfile's wording for "cannot open"; the file does exist
+        why = "no audio stream libsndfile can read"
+    return "unknown format or corrupt: " + why[:100]
 
 
 class LogMel:
@@ -173,11 +200,12 @@ class Prepare:
             return Bad(record.id, "audio over 30 s", f"{record.duration:.1f} s")
         try:
             audio = decode_audio(record)
+        except IsADirectoryError:
+            return Bad(record.id, "not an audio file", "is a folder, not an audio file")
         except FileNotFoundError:
             return Bad(record.id, "missing file")
         except Exception as e:  # soundfile raises several types for broken files; name the file, keep going
-            why = str(e).splitlines()[0] if str(e) else type(e).__name__
-            return Bad(record.id, "undecodable audio", "unknown format or corrupt: " + why.split("': ", 1)[-1][:100])
+            return Bad(record.id, "undecodable audio", undecodable_detail(record, e))
         seconds = len(audio) / SAMPLE_RATE
         if seconds < MIN_AUDIO_SECONDS:
             return Bad(record.id, "empty or truncated audio", f"{seconds:.2f} s")

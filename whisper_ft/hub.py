@@ -278,3 +278,62 @@ def _explain(e: Exception, token: str | None) -> str:
     if status == 403:
         return f"{text} (the token may only read: it needs write access to create and upload to repos)"
     return text
+
+
+# ---------------------------------------------------------------------------------------------
+# The token, checked before training (an upload that fails after a night of training loses the morning)
+
+
+def check_token(cfg, offline: bool, whoami=None) -> str | None:
+    """Verify the token can upload before any long work; returns a note to log, or raises HubError.
+
+    Offline (HF_HUB_OFFLINE) nothing can be verified: the note says so. Online, whoami tells who the
+    token belongs to and what it may do; a token that is refused, or that can only read, stops the run.
+    A network failure is only a note: the upload at the end retries, and the Hub may be back by then.
+    """
+    if not cfg.push_to_hub:
+        return None
+    if offline:
+        return ("warning: HF_HUB_OFFLINE is set, so the Hub token could not be verified; the upload at the end "
+                "will fail if it cannot write")
+    token = cfg.hf_token or None
+    if whoami is None:
+        from huggingface_hub import HfApi
+        whoami = HfApi(token=token).whoami
+    try:
+        info = whoami()
+    except Exception as e:  # HTTP error with a status, or a network failure
+        status = getattr(getattr(e, "response", None), "status_code", None)
+        if status in (401, 403):
+            raise HubError(f"push_to_hub: {_explain(e, token)}") from None
+        return f"warning: could not verify the Hub token now ({_explain(e, token)}); training anyway"
+    namespace = cfg.hub_model_id.split("/")[0] if "/" in cfg.hub_model_id else info.get("name", "")
+    ok, why = can_write(info, namespace)
+    if not ok:
+        raise HubError(f"push_to_hub: the Hub token of {info.get('name', '?')} cannot upload to {namespace}: {why}. "
+                       "Create a token with write access at https://huggingface.co/settings/tokens")
+    return f"Hub token of {info.get('name', '?')} verified: it can write to {namespace}"
+
+
+def can_write(info: dict[str, Any], namespace: str) -> tuple[bool, str]:
+    """Whether a whoami() answer allows creating and uploading to repos of `namespace`, and why not.
+
+    Classic tokens have a role (read / write); fine-grained ones list permissions per user or organisation.
+    An answer without token details (an OAuth login, a future format) is not refused: the upload will tell.
+    """
+    access = (info.get("auth") or {}).get("accessToken") or {}
+    role = access.get("role")
+    if role in ("write", "admin"):
+        return True, ""
+    if role == "read":
+        return False, "it is a read-only token"
+    if role == "fineGrained":
+        grants = (access.get("fineGrained") or {}).get("scoped") or []
+        for grant in grants:
+            entity = grant.get("entity") or {}
+            if entity.get("name") == namespace and "repo.write" in (grant.get("permissions") or []):
+                return True, ""
+        if "repo.write" in ((access.get("fineGrained") or {}).get("global") or []):
+            return True, ""
+        return False, f"this fine-grained token has no repo.write permission for {namespace}"
+    return True, ""

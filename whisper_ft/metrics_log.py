@@ -1,4 +1,9 @@
-"""metrics.jsonl (one JSON object per log line, for scripts and tests) and TensorBoard, main process only."""
+"""metrics.jsonl (one JSON object per log line, for scripts and tests) and the trackers of report_to, main process only.
+
+The trackers (TensorBoard, W&B, MLflow, ...) go through accelerate's tracker API: the Accelerator is
+built with log_with=<report_to>, and start_trackers() below opens them, so any tracker accelerate
+supports works when its package is installed (config.py checks that before the run starts).
+"""
 
 from __future__ import annotations
 
@@ -8,12 +13,20 @@ from pathlib import Path
 from typing import Any
 
 
+def start_trackers(accelerator, config: dict[str, Any], resume_step: int | None) -> None:
+    """Open report_to's trackers under <checkpoint_dir>/runs; a resumed run overwrites TensorBoard's later steps."""
+    if accelerator.log_with:
+        accelerator.init_trackers("runs", config=config,
+                                  init_kwargs={"tensorboard": {"purge_step": resume_step}} if resume_step else {})
+
+
 class MetricsLog:
-    def __init__(self, folder: Path, enabled: bool, tensorboard: bool, resume_step: int | None):
+    def __init__(self, folder: Path, accelerator, resume_step: int | None):
         self.path = folder / "metrics.jsonl"
-        self.enabled = enabled
-        self.writer = None
-        if not enabled:
+        self.enabled = accelerator.is_main_process
+        self.accelerator = accelerator
+        self.writer = None  # TensorBoard's SummaryWriter, for the sample predictions (text)
+        if not self.enabled:
             return
         folder.mkdir(parents=True, exist_ok=True)
         if resume_step is not None and self.path.exists():
@@ -24,9 +37,8 @@ class MetricsLog:
             self.path.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
         elif resume_step is None and self.path.exists():
             self.path.unlink()
-        if tensorboard:
-            from torch.utils.tensorboard import SummaryWriter
-            self.writer = SummaryWriter(log_dir=str(folder / "runs"), purge_step=resume_step)
+        if any(getattr(t, "name", "") == "tensorboard" for t in accelerator.trackers):
+            self.writer = accelerator.get_tracker("tensorboard", unwrap=True)
 
     def log(self, step: int, values: dict[str, Any]) -> None:
         if not self.enabled:
@@ -34,11 +46,11 @@ class MetricsLog:
         row = {"step": step, **{k: _plain(v) for k, v in values.items()}}
         with open(self.path, "a", encoding="utf-8") as f:
             f.write(json.dumps(row, ensure_ascii=False) + "\n")
-        if self.writer is not None:
-            for key, value in values.items():
-                if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
-                    self.writer.add_scalar(key.replace("eval_", "eval/") if key.startswith("eval_") else f"train/{key}",
-                                           value, step)
+        scalars = {key.replace("eval_", "eval/") if key.startswith("eval_") else f"train/{key}": value
+                   for key, value in values.items()
+                   if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)}
+        if scalars and self.accelerator.trackers:
+            self.accelerator.log(scalars, step=step)
 
     def text(self, step: int, tag: str, text: str) -> None:
         if self.enabled and self.writer is not None:
@@ -46,7 +58,7 @@ class MetricsLog:
 
     def close(self) -> None:
         if self.writer is not None:
-            self.writer.close()
+            self.writer.flush()
 
 
 def _plain(value: Any) -> Any:

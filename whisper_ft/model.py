@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import logging
+import re
+
 from transformers import WhisperForConditionalGeneration, WhisperProcessor
 
 from whisper_ft.config import MAX_TARGET_POSITIONS
@@ -9,6 +12,24 @@ from whisper_ft.config import MAX_TARGET_POSITIONS
 
 class ModelError(Exception):
     pass
+
+
+class _WhisperInternalKwargs(logging.Filter):
+    """Drop transformers' "Passing `generation_config` together with generation-related arguments" warning when
+    the arguments are only suppress_tokens/begin_suppress_tokens: Whisper's own generate() passes those beside
+    the generation config (transformers 5.x, generation_whisper.py); nothing a caller passes causes it or can
+    avoid it. The same warning about any other argument, one of ours, still shows."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        if "Passing `generation_config` together with generation-related" not in message:
+            return True
+        named = re.search(r"arguments=\(\{(.*?)\}\)", message)
+        return not named or not set(re.findall(r"'(\w+)'", named.group(1))) <= {"suppress_tokens",
+                                                                                "begin_suppress_tokens"}
+
+
+logging.getLogger("transformers.generation.utils").addFilter(_WhisperInternalKwargs())
 
 
 def load_whisper(pretrained: str, lang, task: str, *, cache_dir: str = "", token: str = "",

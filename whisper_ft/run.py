@@ -28,15 +28,37 @@ class Reporter:
     def __call__(self, message: str, to_bar: bool = False) -> None:
         if not self.main:
             return
-        if to_bar:
-            from tqdm.auto import tqdm
-            tqdm.write(message, file=sys.stderr)
-        else:
-            print(message, file=sys.stderr, flush=True)
+        from tqdm.auto import tqdm
+        tqdm.write(message, file=sys.stderr)  # on a terminal: above the bar, which is redrawn below it
+        sys.stderr.flush()
 
 
-def mixed_precision(cfg: Config) -> str:
+def bar_file():
+    """Where the progress bar draws: the terminal, or, in a log file, one whole line per draw.
+
+    tqdm redraws in place with a carriage return and no newline; in train.log the next message would be
+    glued onto the bar's line. Every draw is therefore made a line of its own there.
+    """
+    return sys.stderr if sys.stderr.isatty() else _Lines(sys.stderr)
+
+
+class _Lines:
+    def __init__(self, stream):
+        self.stream = stream
+
+    def write(self, text: str) -> None:
+        text = text.replace("\r", "").rstrip(" ")  # tqdm's in-place redraw and its clearing padding
+        if text.strip():
+            self.stream.write(text if text.endswith("\n") else text + "\n")
+
+    def flush(self) -> None:
+        self.stream.flush()
+
+
+def mixed_precision(cfg: Config, on_cpu: bool = False) -> str:
     if not (cfg.fp16 or cfg.bf16):
+        return "no"
+    if on_cpu:  # -g cpu: asked for, so no warning; fp16 autocast on the CPU would only be slower
         return "no"
     if not torch.cuda.is_available():
         warnings.warn(f"{'fp16' if cfg.fp16 else 'bf16'} asked for, but there is no CUDA device: training in fp32",

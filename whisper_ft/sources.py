@@ -1,6 +1,7 @@
 """Where training records come from (audio path or bytes + transcript); no audio is decoded here.
 
-A source is a local Common Voice release folder (train.tsv, dev.tsv, test.tsv, clips/), or the
+A source is a local Common Voice release folder (clips/ and CV's TSVs: train.tsv, dev.tsv, test.tsv or
+validated.tsv; clips/ alone is not enough, since manifest folders and audiofolders use it too), or the
 cv-corpus-* folder above it with `lang` choosing the locale subfolder; a CSV / TSV / JSONL manifest
 of audio path + text (paths relative to the manifest), a folder of `<split>.csv` manifests, or an
 audiofolder (`metadata.csv` beside the clips); a Hugging Face Hub dataset or a local parquet copy of
@@ -66,8 +67,9 @@ def load_records(dataset_name: str, split: str, *, lang=None, text_column: str =
                             f"{missing}/metadata.csv; found: {', '.join(present)}")
         hub_like = any(path.glob("**/*.parquet")) or (path / f"{path.name}.py").is_file()
         if not hub_like:  # parquet: a local copy of a Hub dataset; <name>.py: a script dataset (clear message)
-            raise DataError(f"{dataset_name} is a folder, but not a Common Voice release (no clips/ folder in it"
-                            f"{', in ' + lang.cv_locale + '/' if lang else ''} or in cv-corpus-*/<locale>/), no "
+            raise DataError(f"{dataset_name} is a folder, but not a Common Voice release (no clips/ with train.tsv, "
+                            f"dev.tsv, test.tsv or validated.tsv in it{', in ' + lang.cv_locale + '/' if lang else ''} "
+                            "or in cv-corpus-*/<locale>/), no "
                             "audiofolder (metadata.csv beside the clips), no <split>.csv/.tsv/.jsonl manifests and no "
                             "parquet files")
         revision, token = "", ""
@@ -86,14 +88,22 @@ def _split_names(split: str) -> list[str]:
     return [split] + ([n for n in ("dev", "validation", "valid") if n != split] if split in SPLIT_SYNONYMS else [])
 
 
+CV_TSVS = ("train.tsv", "dev.tsv", "test.tsv", "validated.tsv")  # what makes a folder a Common Voice release
+
+
+def _is_common_voice(folder: Path) -> bool:
+    """clips/ and Common Voice's own TSVs: a clips/ folder alone is also how people lay out their manifests."""
+    return (folder / "clips").is_dir() and any((folder / name).is_file() for name in CV_TSVS)
+
+
 def _common_voice_folder(path: Path, lang) -> Path | None:
-    """The locale folder (with clips/) that `path` names, or that `lang` chooses under a cv-corpus-* folder."""
-    if (path / "clips").is_dir():
+    """The locale folder (clips/ and CV's TSVs) that `path` names, or that `lang` chooses under a cv-corpus-* folder."""
+    if _is_common_voice(path):
         return path
     if not path.is_dir():
         return None
     locales = sorted({c.parent for pattern in ("*/clips", "cv-corpus-*/*/clips") for c in path.glob(pattern)
-                      if c.is_dir()})
+                      if _is_common_voice(c.parent)})
     if not locales:
         return None
     names = ", ".join(str(p.relative_to(path)) for p in locales)
