@@ -90,13 +90,15 @@ def train(cfg: Config, on_cpu: bool = False) -> int:
     speed.set_gradient_checkpointing(model, cfg.gradient_checkpointing)  # non-reentrant: fine with frozen weights
     model = trainable.setup_model(model, cfg, say)  # SpecAugment, freeze_encoder, LoRA
     compile_on = speed.compile_wanted(cfg.torch_compile)
-    prepare = Prepare(processor.feature_extractor, processor.tokenizer)
+    prepare = Prepare(processor.feature_extractor, processor.tokenizer,
+                      timestamp_probability=cfg.timestamp_probability, seed=cfg.seed)
     collate = Collator(model.config.decoder_start_token_id)
     # A compiled forward gets label widths from a few buckets, so new transcript lengths do not recompile it.
     train_collate = Collator(model.config.decoder_start_token_id, bucket=compile_on)
     rank, world = accelerator.process_index, accelerator.num_processes
 
     train_records, eval_records = batches.load_data(cfg, lang, prepare, say)
+    eval_sets = batches.load_eval_sets(cfg, lang, prepare, say, eval_records)  # {"eval": ...} without eval_sets
     bad = BadCounter()  # unusable training samples, counted when drawn: the same on every process
 
     # Groups and counts come from the whole model, before FSDP/DeepSpeed shard it in prepare.
@@ -141,39 +143,46 @@ def train(cfg: Config, on_cpu: bool = False) -> int:
     train_iter = batches.train_batches(train_records, prepare, train_collate, cfg, rank, world, start_step=state["step"])
     if resumed_from is not None and hasattr(train_iter, "load_state_dict"):
         train_iter.load_state_dict(checkpoint.read_process_state(resumed_from, rank))
-    eval_loader = batches.eval_loader(eval_records, prepare, collate, cfg, rank, world)
+    eval_loaders = {name: batches.eval_loader(records, prepare, collate, cfg, rank, world)
+                    for name, records in eval_sets.items()}
     gen_kwargs = {**generate_kwargs(accelerator.unwrap_model(model), cfg.generation_max_length),
                   **speed.generation_speedups(compile_on)} if cfg.predict_with_generate else None
     stopper = stopping.GracefulStop(accelerator)
     nan_steps = stopping.injected_nan_steps()
     shift_right = decoder_inputs(accelerator.unwrap_model(model).config)
 
-    named_eval_bad: list[bool] = []
+    named_eval_bad: set[str] = set()
 
     def do_eval(step: int) -> None:
-        metrics, rows, eval_bad = evaluate(model, eval_loader, processor.tokenizer, accelerator,
+        metrics = {}
+        for i, (name, loader) in enumerate(eval_loaders.items()):
+            got, rows, eval_bad = evaluate(model, loader, processor.tokenizer, accelerator,
                                            generate_kwargs=gen_kwargs, should_stop=stopper.requested)
-        if stopper.agreed():  # abandoned half-way: evaluate again after the resume
-            state["pending_eval"] = True
-            save(step)
-            raise stopping.RunStopped(f"stopped by signal during the evaluation at step {step}; checkpoint saved. "
-                                      "Rerun the same command to resume.")
+            if stopper.agreed():  # abandoned half-way: evaluate again after the resume
+                state["pending_eval"] = True
+                save(step)
+                raise stopping.RunStopped(f"stopped by signal during the evaluation at step {step}; checkpoint "
+                                          "saved. Rerun the same command to resume.")
+            got["eval_bad_samples"] = len(eval_bad)
+            if eval_bad and name not in named_eval_bad:  # the same samples fail at every evaluation: name them once
+                say(f"evaluation{'' if len(eval_loaders) == 1 else ' set ' + name} skipped {len(eval_bad)} unusable "
+                    f"samples: {batches.reasons(eval_bad)}; first: "
+                    + "; ".join(f"{b.id} ({b.reason}{', ' + b.detail if b.detail else ''})" for b in eval_bad[:5]),
+                    to_bar=True)
+                named_eval_bad.add(name)
+            if i == 0:  # the first set keeps the plain eval_* keys: it picks the best model, scripts read them
+                metrics.update(got)
+            if cfg.eval_sets:  # each named set as eval/<name>/<metric>
+                metrics.update(run.set_metrics(name, got))
+            log.text(step, f"eval/{name}/samples" if cfg.eval_sets else "eval/samples", run.samples_table(rows[:8]))
         state["pending_eval"] = False
-        metrics["eval_bad_samples"] = len(eval_bad)
-        if eval_bad and not named_eval_bad:  # the same samples fail at every evaluation: name them once
-            say(f"evaluation skipped {len(eval_bad)} unusable samples: {batches.reasons(eval_bad)}; first: "
-                + "; ".join(f"{b.id} ({b.reason}{', ' + b.detail if b.detail else ''})" for b in eval_bad[:5]),
-                to_bar=True)
-            named_eval_bad.append(True)
         log.log(step, metrics)
-        log.text(step, "eval/samples", run.samples_table(rows[:8]))
         if step == 0:
             state["base_metrics"] = metrics
         value = metrics.get("eval_" + cfg.metric_for_best_model)
         if step > 0 and run.improves(value, state["best_metric"], cfg.greater_is_better):  # step 0 is the base model
             state["best_metric"], state["best_step"] = value, step
-        say(f"step {step}: " + ", ".join(f"{k[5:]} {v:.2f}" for k, v in metrics.items()
-                                         if k in ("eval_wer", "eval_cer", "eval_wer_ortho", "eval_loss")))
+        say(f"step {step}: " + run.eval_summary(metrics, list(eval_loaders) if cfg.eval_sets else None))
 
     def save(step: int) -> None:
         state["bad"] = bad.state_dict()
@@ -284,9 +293,10 @@ def train(cfg: Config, on_cpu: bool = False) -> int:
     if accelerator.is_main_process:
         # LoRA merged into the base: a plain Whisper folder (the adapter beside it with lora_save_adapter)
         checkpoint.export_model(trainable.exportable(accelerator.unwrap_model(model), cfg, out), processor, out, full)
-        run.finish(cfg, lang, state, bad, out, say)
+        worse = run.finish(cfg, lang, state, bad, out, say)
         log.log(final_step, {"bad_samples_by_reason": dict(bad.counts), "bad_samples": bad.total,
-                             "samples_seen": state["samples_seen"], **forward.stats()})
+                             "samples_seen": state["samples_seen"], "worse_than_base": worse is not None,
+                             **forward.stats()})
         if forward.active:
             say("torch_compile: " + ", ".join(f"{k.replace('_', ' ')} {v}" for k, v in forward.stats().items()))
     log.close()

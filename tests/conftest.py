@@ -40,6 +40,20 @@ def tiny_model_en(tmp_path_factory) -> Path:
                       multilingual=False)
 
 
+@pytest.fixture(scope="session")
+def learned_run(tiny_model, tmp_path_factory):
+    """The demo's recipe, run once per session: the tiny Whisper learns to read the committed clips
+    (150 steps). Shared by the learning test and the long-form checks, which need a model that reads."""
+    tmp = tmp_path_factory.mktemp("learned")
+    out = tmp / "learn"
+    cfg = base_config(tiny_model, out, per_device_train_batch_size=8, learning_rate=1e-3, warmup_steps=20,
+                      max_steps=150, eval_steps=150, save_steps=150, logging_steps=10, eval_at_start=True,
+                      predict_with_generate=True, generation_max_length=24, metric_for_best_model="wer",
+                      eval_split="train", max_eval_samples=16)
+    proc = run_train(cfg, tmp)
+    return out, proc, cfg
+
+
 def base_config(model: Path, out: Path, **overrides) -> dict:
     """A fast CPU config on the committed English clips."""
     cfg = {"lang": "en", "whisper_pretrained": str(model), "checkpoint_dir": str(out), "dataset_name": str(CV_EN),

@@ -23,6 +23,7 @@ from conftest import ROOT, base_config, run_train
 
 TOKEN = "hf_WhisperFtTestToken0123456789abcdef"
 EXPECTED = {"README.md", "config.json", "generation_config.json", "model.safetensors", "processor_config.json",
+            "preprocessor_config.json",
             "tokenizer.json", "tokenizer_config.json"}
 
 
@@ -159,7 +160,9 @@ def test_uploaded_card_has_model_index_and_no_local_path(pushed, tiny_model):
     assert "base model" in index[1]["name"]
     assert index[1]["results"][0]["metrics"][0]["value"] == round(evals[0]["eval_wer"], 2)
     local = (out / "README.md").read_text()
-    assert f"base_model: {tiny_model}" in local  # the local card keeps where the run started
+    local_meta = yaml.safe_load(local.split("---\n")[1])
+    assert "base_model" not in local_meta and str(tiny_model) not in local  # no local path, not even locally
+    assert "Fine-tuned from a local model (`model`)" in local
 
 
 def _push_in_subprocess(folder: Path, hub: FakeHub, tmp: Path, **settings) -> subprocess.CompletedProcess:
@@ -240,6 +243,34 @@ def test_model_card_reports_the_exported_steps_metrics(tmp_path):
     assert "2.00 hours of audio" in card and "2 unusable samples skipped: 2 missing file" in card
     assert "| WER, normalised (%) | 90.00 | 30.00 |" in card and "this model (step 10)" in card
     assert "transformers " in card and "torch " in card and "accelerate " in card
+
+
+def test_worse_than_base_is_said_plainly_with_advice(tmp_path):
+    from whisper_ft import hub
+    from whisper_ft.config import load_config
+    from whisper_ft.languages import resolve
+
+    cfg = load_config(["--lang", "en", "--checkpoint-dir", str(tmp_path), "--learning-rate", "3e-4"], env={})
+    base, better, worse = ({"step": s, "eval_wer": w, "eval_loss": l} for s, w, l in ((0, 20.0, 2.0),
+                                                                                      (10, 15.0, 1.0), (10, 25.0, 1.0)))
+    assert hub.worse_than_base(cfg, base, better) is None
+    assert hub.worse_than_base(cfg, base, dict(better, eval_wer=20.0)) is None  # equal is not worse
+    assert hub.worse_than_base(cfg, {}, worse) is None  # no base evaluation: nothing to compare
+    msg = hub.worse_than_base(cfg, base, worse)
+    assert "worse than the base model" in msg and "wer 20.00 before" in msg and "25.00 after" in msg
+    assert "lower learning_rate (now 0.0003; e.g. 0.0001)" in msg and "max_steps" in msg and "data" in msg
+    loss_cfg = load_config(["--lang", "en", "--metric-for-best-model", "loss"], env={})
+    assert hub.worse_than_base(loss_cfg, base, worse) is None  # by loss it improved (2.0 -> 1.0)
+    greater = load_config(["--lang", "en", "--greater-is-better"], env={})
+    assert hub.worse_than_base(greater, base, better) is not None  # a metric where larger is better fell
+    rows = [base, worse]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    state = {"step": 10, "best_step": 10, "best_metric": 25.0, "base_metrics": base}
+    card = hub.write_model_card(tmp_path, cfg, resolve("en"), state).read_text()
+    assert "**Warning:** the fine-tuned model is worse than the base model" in card
+    assert "sf.read(" in card and "FFmpeg" in card  # the usage example decodes audio itself
+    card_ok = hub.model_card(cfg, resolve("en"), {**state, "best_metric": 15.0}, [base, better])
+    assert "Warning" not in card_ok
 
 
 def test_upload_list_adds_tensorboard_logs_only_when_asked(tmp_path):

@@ -77,7 +77,16 @@ def test_final_model_reloads_cleanly_with_language_and_task(tiny_model, tmp_path
     import numpy as np
     assert isinstance(asr({"raw": np.zeros(16000, np.float32), "sampling_rate": 16000}, generate_kwargs={"max_new_tokens": 5})["text"], str)
     card = (out / "README.md").read_text()
-    assert "model-index" in card and "base_model:" in card
+    assert "model-index" in card and "base_model:" not in card  # a local base: no Hub id to name
+    assert str(tiny_model) not in card.split("---")[1] and "Fine-tuned from a local model" in card
+    # Older transformers and other tools read preprocessor_config.json, not processor_config.json.
+    import shutil
+    old = tmp_path / "old-names"
+    shutil.copytree(out, old, ignore=shutil.ignore_patterns("checkpoint-*", "processor_config.json"))
+    assert (old / "preprocessor_config.json").is_file() and not (old / "processor_config.json").exists()
+    older = WhisperProcessor.from_pretrained(old)
+    assert older.feature_extractor.to_dict() == processor.feature_extractor.to_dict()
+    assert older.tokenizer("hello").input_ids == processor.tokenizer("hello").input_ids
     kept = sorted(p.name for p in out.iterdir())
     assert "checkpoint-2" in kept and "metrics.jsonl" in kept
 
@@ -88,14 +97,9 @@ def test_missing_dataset_is_one_clear_error(tiny_model, tmp_path):
     assert "manifest" in proc.stderr and "does not exist" in proc.stderr and "Traceback" not in proc.stderr
 
 
-def test_wer_falls_from_100_to_under_30(tiny_model, tmp_path):
+def test_wer_falls_from_100_to_under_30(learned_run):
     """The demo's recipe: a random-init tiny Whisper learns to read the committed clips."""
-    out = tmp_path / "learn"
-    cfg = base_config(tiny_model, out, per_device_train_batch_size=8, learning_rate=1e-3, warmup_steps=20,
-                      max_steps=150, eval_steps=150, save_steps=150, logging_steps=10, eval_at_start=True,
-                      predict_with_generate=True, generation_max_length=24, metric_for_best_model="wer",
-                      eval_split="train", max_eval_samples=16)
-    proc = run_train(cfg, tmp_path)
+    out, proc, _ = learned_run
     assert proc.returncode == 0, proc.stderr[-3000:]
     evals = [r for r in metrics(out) if "eval_wer" in r]
     assert evals[0]["step"] == 0 and evals[0]["eval_wer"] >= 90

@@ -29,7 +29,6 @@ def load_data(cfg: Config, lang, prepare, say) -> tuple[Any, list]:
     list, or a HubStream when streaming a Hub dataset; eval is a list (a streamed eval split is read).
     """
     from collections import Counter
-    from itertools import islice
     from pathlib import Path
 
     from whisper_ft.sources import mix, read_mixture
@@ -39,18 +38,11 @@ def load_data(cfg: Config, lang, prepare, say) -> tuple[Any, list]:
         raise DataError("streaming: true works with one Hub dataset, not with a mixture; turn streaming off")
     train_parts, eval_parts = [], []
     for source in sources:
-        common = dict(lang=lang, text_column=source.get("text_column") or cfg.text_column,
-                      audio_column=source.get("audio_column") or cfg.audio_column,
-                      dataset_config=source.get("dataset_config") or cfg.dataset_config,
-                      revision=source.get("dataset_revision") or cfg.dataset_revision, cache_dir=cfg.dataset_cache,
-                      token=cfg.hf_token, streaming=cfg.streaming)
+        common = _source_args(cfg, source, lang)
         train_split = source.get("train_split") or cfg.train_split
         train_parts.append((source["label"], load_records(source["name"], train_split, **common)))
-        eval_split = cfg.eval_split if source.get("eval_split") is None else source["eval_split"]
-        if cfg.eval_strategy != "no" and eval_split:
-            evals = load_records(source["name"], eval_split, **common)
-            if not isinstance(evals, list):  # streamed: read it (up to max_eval_samples) so it can be sharded
-                evals = list(islice(evals, cfg.max_eval_samples or None))
+        evals = None if cfg.eval_sets else _eval_part(cfg, source, common)  # named sets: load_eval_sets
+        if evals is not None:
             eval_parts.append((source["label"], evals))
     if len(sources) == 1:
         train, evals = train_parts[0][1], (eval_parts[0][1] if eval_parts else [])
@@ -59,7 +51,7 @@ def load_data(cfg: Config, lang, prepare, say) -> tuple[Any, list]:
         say("mixture, samples per epoch: " + ", ".join(
             f"{label} {c} ({len(records)} records{', weight ' + str(s['weight']) if s.get('weight') is not None else ''})"
             for (label, records), c, s in zip(train_parts, counts, sources)))
-        evals = mix(eval_parts, [None] * len(eval_parts), cfg.seed)[0]
+        evals = mix(eval_parts, [None] * len(eval_parts), cfg.seed)[0] if eval_parts else []
     where = f"{cfg.dataset_name} split {cfg.train_split!r}" if len(sources) == 1 else "the mixture"
 
     bad = []
@@ -84,13 +76,11 @@ def load_data(cfg: Config, lang, prepare, say) -> tuple[Any, list]:
     elif cfg.max_train_samples:
         train.ds = train.ds.take(cfg.max_train_samples)
 
-    keep, eval_bad = _usable(evals, prepare)
-    evals = [evals[i] for i in keep][: cfg.max_eval_samples or None]
-    if cfg.eval_strategy != "no" and not evals:
-        raise DataError(f"no usable evaluation sample in {cfg.dataset_name} split {cfg.eval_split!r}"
-                        + (f" ({len(eval_bad)} unusable: {reasons(eval_bad)})" if eval_bad else ""))
+    evals, eval_bad = _checked_evals(evals, prepare, cfg, f"{cfg.dataset_name} split {cfg.eval_split!r}") \
+        if not cfg.eval_sets else ([], [])
     size = len(train) if isinstance(train, list) else "streamed"
-    say(f"data: {size} training samples ({cfg.train_split}), {len(evals)} evaluation samples ({cfg.eval_split})")
+    say(f"data: {size} training samples ({cfg.train_split})"
+        + (f", {len(evals)} evaluation samples ({cfg.eval_split})" if not cfg.eval_sets else ""))
     if bad:
         say(f"{len(bad)} training samples are unusable and will be skipped and counted when drawn: {reasons(bad)}; "
             "first: " + "; ".join(f"{b.id} ({b.reason})" for b in bad[:3]))
@@ -133,6 +123,70 @@ def _duplicates(records) -> list[str]:
             dups.append(r.id)
         seen.add(key)
     return dups
+
+
+def _source_args(cfg: Config, source: dict[str, Any], lang) -> dict[str, Any]:
+    """load_records' arguments for one source: its own columns, config and revision, else the run's."""
+    return dict(lang=lang, text_column=source.get("text_column") or cfg.text_column,
+                audio_column=source.get("audio_column") or cfg.audio_column,
+                dataset_config=source.get("dataset_config") or cfg.dataset_config,
+                revision=source.get("dataset_revision") or cfg.dataset_revision, cache_dir=cfg.dataset_cache,
+                token=cfg.hf_token, streaming=cfg.streaming)
+
+
+def _eval_part(cfg: Config, source: dict[str, Any], common: dict[str, Any]) -> list | None:
+    """One source's evaluation records (a streamed split read up to max_eval_samples), or None for none."""
+    from itertools import islice
+
+    eval_split = cfg.eval_split if source.get("eval_split") is None else source["eval_split"]
+    if cfg.eval_strategy == "no" or not eval_split:
+        return None
+    evals = load_records(source["name"], eval_split, **common)
+    if not isinstance(evals, list):  # streamed: read it (up to max_eval_samples) so it can be sharded
+        evals = list(islice(evals, cfg.max_eval_samples or None))
+    return evals
+
+
+def _checked_evals(evals: list, prepare, cfg: Config, where: str) -> tuple[list, list[Bad]]:
+    """The usable evaluation records (at most max_eval_samples) and the unusable ones; none usable is an error."""
+    keep, eval_bad = _usable(evals, prepare)
+    evals = [evals[i] for i in keep][: cfg.max_eval_samples or None]
+    if cfg.eval_strategy != "no" and not evals:
+        raise DataError(f"no usable evaluation sample in {where}"
+                        + (f" ({len(eval_bad)} unusable: {reasons(eval_bad)})" if eval_bad else ""))
+    return evals, eval_bad
+
+
+def load_eval_sets(cfg: Config, lang, prepare, say, default_evals: list) -> dict[str, list]:
+    """name -> evaluation records. Without eval_sets: {"eval": the records load_data read from eval_split}.
+
+    Each named set is read like the run's own eval split (a mixture file too), checked, and capped at
+    max_eval_samples; the order is the config's, and the first set chooses the best model.
+    """
+    import dataclasses
+
+    from whisper_ft.config import eval_set_specs
+    from whisper_ft.sources import mix, read_mixture
+
+    if not cfg.eval_sets:
+        return {"eval": default_evals}
+    if cfg.eval_strategy == "no":
+        return {}
+    sets = {}
+    for name, spec in eval_set_specs(cfg).items():
+        view = dataclasses.replace(cfg, eval_split=spec["split"], streaming=False,
+                                   **{k: spec[k] for k in ("dataset_name", "dataset_config", "dataset_revision",
+                                                           "text_column", "audio_column")})
+        sources = read_mixture(view.dataset_name) or [{"name": view.dataset_name, "label": ""}]
+        parts = [(s["label"], _eval_part(view, s, _source_args(view, s, lang))) for s in sources]
+        parts = [(label, records) for label, records in parts if records is not None]
+        records = parts[0][1] if len(parts) == 1 else mix(parts, [None] * len(parts), cfg.seed)[0]
+        records, bad = _checked_evals(records, prepare, view, f"eval set {name!r} ({view.dataset_name} "
+                                                                f"split {view.eval_split!r})")
+        say(f"eval set {name}: {len(records)} samples ({view.dataset_name}, split {view.eval_split})"
+            + (f"; skipped {len(bad)}: {reasons(bad)}" if bad else ""))
+        sets[name] = records
+    return sets
 
 
 def _usable(records, prepare) -> tuple[list[int], list[Bad]]:
@@ -194,7 +248,8 @@ class StreamBatches:
                 self.stream.ds.set_epoch(self.epoch)
                 self._it = iter(self.stream)
             try:
-                samples.append(self.prepare(next(self._it)))
+                # the epoch is the draw: a record appears once per epoch of a stream
+                samples.append(self.prepare(next(self._it), draw=self.epoch))
                 self._rows_this_epoch += 1
             except StopIteration:
                 if not self._rows_this_epoch:

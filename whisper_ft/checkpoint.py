@@ -102,6 +102,9 @@ def export_model(unwrapped_model, processor, out_dir: Path, state_dict: dict | N
     out_dir.mkdir(parents=True, exist_ok=True)
     unwrapped_model.save_pretrained(out_dir, safe_serialization=True, state_dict=state_dict)
     processor.save_pretrained(out_dir)
+    # transformers 5 keeps the feature extractor's settings inside processor_config.json; older transformers,
+    # faster-whisper's converter and other tools read preprocessor_config.json. Write both.
+    processor.feature_extractor.save_pretrained(out_dir)
 
 
 def check_shared(accelerator, root: Path, wait_s: float = 10.0) -> None:

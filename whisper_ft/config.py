@@ -20,6 +20,9 @@ import yaml
 
 MAX_TARGET_POSITIONS = 448  # Whisper's decoder length, prefix tokens included (DESIGN pitfall 1)
 METRICS = ("wer", "cer", "wer_ortho", "loss")  # what metric_for_best_model may name
+# What one entry of eval_sets may say; each missing key falls back to the run's own setting
+# (split to eval_split, the others to the key of the same name).
+EVAL_SET_KEYS = ("dataset_name", "split", "dataset_config", "dataset_revision", "text_column", "audio_column")
 
 
 class ConfigError(Exception):
@@ -50,6 +53,7 @@ class Config:
     streaming: bool = False  # stream a Hub dataset instead of downloading it whole
     max_train_samples: int = 0  # use at most this many training samples (0 = all); for quick trials
     max_eval_samples: int = 0  # evaluate on at most this many samples (0 = all)
+    timestamp_probability: float = 0.2  # share of training samples trained with timestamps (keeps long-form working); 0 = none
     max_bad_sample_fraction: float = 0.05  # stop when the unusable share is surely (99.99%, binomial test) above this
     # --- output ------------------------------------------------------------------------------
     checkpoint_name: str = ""  # run name; default <model_name>-<lang>
@@ -91,6 +95,7 @@ class Config:
     per_device_eval_batch_size: int = 32  # samples per GPU per generate() call
     predict_with_generate: bool = True  # WER/CER from generate(); off = eval loss only
     generation_max_length: int = 225  # max tokens of a prediction, prefix included (at most 448)
+    eval_sets: dict = dataclasses.field(default_factory=dict)  # named evaluation sets {name: {dataset_name, split, ...}}; the first picks the best model; empty = eval_split
     # --- checkpoints and logging -------------------------------------------------------------
     save_steps: int = 1000  # save a checkpoint every this many optimizer steps
     save_total_limit: int = 3  # keep at most this many checkpoints (the best is always kept; 0 = all)
@@ -257,6 +262,8 @@ def _coerce(key: str, raw: Any) -> Any:
             return float(raw)
         except (TypeError, ValueError):
             raise ValueError(f"{key} must be a number, not {raw!r}") from None
+    if kind == "dict":
+        return _eval_sets(key, raw)
     if isinstance(raw, bool):  # YAML 1.1 reads `no` (eval_strategy: no, lang: no for Norwegian) as false
         return "no" if raw is False else "yes"
     if key == "report_to":  # a list (the guide's YAML) or a comma-separated string
@@ -269,6 +276,56 @@ def _coerce(key: str, raw: Any) -> Any:
     if isinstance(raw, (dict, list)):
         raise ValueError(f"{key} must be a single value, not {type(raw).__name__}")
     return str(raw)
+
+
+def _eval_sets(key: str, raw: Any) -> dict[str, dict[str, str]]:
+    """eval_sets from YAML or the command line (the same written as YAML), in either shape:
+    a mapping {name: {dataset_name, split, ...}}, or a list [{name: ..., dataset_name: ..., split: ...}]
+    whose order cannot be lost by a tool that sorts mapping keys (the first set picks the best model).
+    e.g. --eval-sets '[{name: dev, split: dev}, {name: general, dataset_name: other.csv, split: test}]'"""
+    if isinstance(raw, str):
+        try:
+            raw = yaml.safe_load(raw) if raw.strip() else {}
+        except yaml.YAMLError:
+            raise ValueError(f"{key} is not valid YAML: {raw!r}") from None
+    if isinstance(raw, list) and all(isinstance(item, dict) and "name" in item for item in raw):
+        raw = {item["name"]: {k: v for k, v in item.items() if k != "name"} for item in raw}
+    if not isinstance(raw, dict):
+        raise ValueError(f"{key} must be a mapping of name: {{dataset_name, split, ...}} or a list of "
+                         f"{{name, dataset_name, split, ...}}, not {raw!r}")
+    sets, problems = {}, []
+    for name, spec in raw.items():
+        spec = {} if spec is None else spec
+        if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z0-9][\w.-]*", name):
+            problems.append(f"name {name!r} (use letters, digits, _ . -)")
+        elif not isinstance(spec, dict):
+            problems.append(f"{name}: must be a mapping with keys {', '.join(EVAL_SET_KEYS)}, not {spec!r}")
+        elif [k for k in spec if k not in EVAL_SET_KEYS]:
+            problems.append(f"{name}: unknown keys {', '.join(str(k) for k in spec if k not in EVAL_SET_KEYS)}"
+                            f" (allowed: {', '.join(EVAL_SET_KEYS)})")
+        else:
+            sets[name] = {k: "" if v is None else str(v) for k, v in spec.items()}
+    if problems:
+        raise ValueError(f"{key}: " + "; ".join(problems))
+    return sets
+
+
+def eval_set_specs(cfg: Config) -> dict[str, dict[str, str]]:
+    """Every evaluation set with each key filled in: one named "eval" by default.
+
+    A set on the run's own dataset takes the run's config, revision and columns unless it names its own;
+    a set on another dataset starts from the automatic defaults (detected columns, derived config).
+    """
+    out = {}
+    for name, spec in (cfg.eval_sets or {"eval": {}}).items():
+        dataset = spec.get("dataset_name") or cfg.dataset_name
+        same = dataset == cfg.dataset_name
+        filled = {"dataset_name": dataset, "split": spec.get("split") or cfg.eval_split,
+                  **{k: spec.get(k) or (getattr(cfg, k) if same else "") for k in EVAL_SET_KEYS[2:]}}
+        if not filled["dataset_revision"] and dataset == "google/fleurs":  # as _derive does for dataset_name
+            filled["dataset_revision"] = "refs/convert/parquet"
+        out[name] = filled
+    return out
 
 
 def _derive(cfg: Config, env: dict[str, str]) -> None:
@@ -308,6 +365,8 @@ def validate(cfg: Config) -> list[str]:
     if Path(cfg.checkpoint_dir).exists() and not Path(cfg.checkpoint_dir).is_dir():
         problems.append(f"checkpoint_dir {cfg.checkpoint_dir} is a file, not a folder; choose another checkpoint_dir "
                         "(or checkpoint_name)")
+    if not 0 <= cfg.timestamp_probability <= 1:
+        problems.append(f"timestamp_probability must be between 0 and 1, not {cfg.timestamp_probability}")
     if not 0 <= cfg.max_bad_sample_fraction <= 1:
         problems.append(f"max_bad_sample_fraction must be between 0 and 1, not {cfg.max_bad_sample_fraction}")
     if cfg.fp16 and cfg.bf16:
@@ -449,7 +508,8 @@ def _comments() -> dict[str, str]:
 def field_docs() -> list[tuple[str, Any, str]]:
     """(name, default, comment) for every setting, in declaration order."""
     comments = _comments()
-    return [(f.name, f.default, comments.get(f.name, "")) for f in fields(Config)]
+    return [(f.name, f.default if f.default is not dataclasses.MISSING else f.default_factory(),
+             comments.get(f.name, "")) for f in fields(Config)]
 
 
 def dump_yaml(cfg: Config) -> str:

@@ -7,6 +7,7 @@ Audio is decoded with soundfile and resampled with soxr, so no FFmpeg is needed 
 
 from __future__ import annotations
 
+import hashlib
 import io
 import math
 from collections import Counter
@@ -25,6 +26,7 @@ MIN_AUDIO_SECONDS = 0.1  # shorter than this is a truncated or empty file, not s
 TEXT_COLUMNS = ("sentence", "text", "transcription", "raw_transcription", "normalized_text", "transcript")
 AUDIO_COLUMNS = ("audio", "path", "file", "file_name", "filename", "audio_filepath")
 SPLIT_SYNONYMS = {"validation": "dev", "dev": "dev", "valid": "dev"}
+TIMESTAMP_SECONDS, TIMESTAMP_STEPS = 0.02, 1500  # Whisper's timestamp tokens: <|0.00|> ... <|30.00|>
 BAD_LINE = "undecodable table line"  # the reason counted for a manifest/TSV line that cannot be read
 
 
@@ -159,21 +161,58 @@ class LogMel:
 
 
 class Prepare:
-    """Record -> {"input_features", "labels", "id"} or Bad. Picklable, so it runs in DataLoader workers."""
+    """Record -> {"input_features", "labels", "id"} or Bad. Picklable, so it runs in DataLoader workers.
 
-    def __init__(self, feature_extractor, tokenizer, max_label_tokens: int = 448):
+    Labels are the transcript as Whisper was trained on it: whitespace-normalised and tokenized with a
+    leading space (" The", not "The"), so a fine-tuned model still starts every segment with a space and
+    long-form transcripts do not glue sentences together ("...down.Open..."). A share
+    (timestamp_probability) of the training draws is timestamped instead of <|notimestamps|>:
+    `<|0.00|> text <|T|>`, T the clip's length rounded down to Whisper's 0.02-s grid, so the model keeps
+    the timestamp prediction that long-form transcription depends on. Whether a draw is timestamped is a
+    pure function of (seed, sample id, draw index), never of a global RNG: resume stays step-exact and
+    DataLoader workers agree. Evaluation passes no draw, so it is never timestamped.
+    """
+
+    def __init__(self, feature_extractor, tokenizer, max_label_tokens: int = 448, *,
+                 timestamp_probability: float = 0.0, seed: int = 0):
         self.feature_extractor = feature_extractor
         self.log_mel = LogMel(feature_extractor)
         self.tokenizer = tokenizer
         self.max_label_tokens = max_label_tokens
+        self.timestamp_probability, self.seed = timestamp_probability, seed
+        if timestamp_probability > 0:
+            self.no_timestamps = tokenizer.convert_tokens_to_ids("<|notimestamps|>")
+            ends = tokenizer.convert_tokens_to_ids(["<|0.00|>", f"<|{TIMESTAMP_STEPS * TIMESTAMP_SECONDS:.2f}|>"])
+            if tokenizer.unk_token_id in ends or None in ends or self.no_timestamps in (None, tokenizer.unk_token_id):
+                raise DataError("timestamp_probability is above 0 but this tokenizer has no <|notimestamps|> and "
+                                "<|0.00|> ... <|30.00|> tokens; set timestamp_probability: 0")
 
     def labels(self, text: str) -> list[int] | Bad:
-        if not text.strip():
+        text = clean_text(text)
+        if not text:
             return Bad("", "empty transcript")
-        ids = self.tokenizer(text).input_ids  # prefix tokens (sot, language, task, notimestamps) + text + eot
-        if len(ids) > self.max_label_tokens:
-            return Bad("", "transcript over 448 tokens", f"{len(ids)} tokens")
+        # prefix tokens (sot, language, task, notimestamps) + " " + text + eot: the leading space as in Whisper
+        ids = self.tokenizer(" " + text).input_ids
+        # A timestamped draw swaps <|notimestamps|> for two timestamps: one token more. Counted for every
+        # sample, so whether a sample fits does not depend on the draw.
+        count = len(ids) + (1 if self.timestamp_probability > 0 else 0)
+        if count > self.max_label_tokens:
+            return Bad("", "transcript over 448 tokens", f"{count} tokens")
         return ids
+
+    def timestamped(self, record_id: str, draw: int | None) -> bool:
+        """Whether this draw of this sample trains with timestamps: a hash, the same in every process/worker."""
+        if draw is None or self.timestamp_probability <= 0:
+            return False
+        digest = hashlib.blake2b(f"{self.seed}|{record_id}|{draw}".encode(), digest_size=8).digest()
+        return int.from_bytes(digest, "big") / 2**64 < self.timestamp_probability
+
+    def with_timestamps(self, ids: list[int], seconds: float) -> list[int]:
+        """[sot, lang, task, notimestamps, text.., eot] -> [sot, lang, task, <|0.00|>, text.., <|T|>, eot]."""
+        steps = min(TIMESTAMP_STEPS, math.floor(seconds / TIMESTAMP_SECONDS + 1e-6))  # down: T <= the clip's end
+        start, end = self.tokenizer.convert_tokens_to_ids(["<|0.00|>", f"<|{steps * TIMESTAMP_SECONDS:.2f}|>"])
+        k = ids.index(self.no_timestamps)
+        return ids[:k] + [start] + ids[k + 1 : -1] + [end, ids[-1]]
 
     def screen(self, record: Record) -> Bad | None:
         """What is wrong with a record before any audio is read: its table line, transcript, or known duration."""
@@ -190,7 +229,8 @@ class Prepare:
             return Bad(record.id, "audio over 30 s", f"{record.duration:.1f} s")
         return None
 
-    def __call__(self, record: Record) -> dict[str, Any] | Bad:
+    def __call__(self, record: Record, draw: int | None = None) -> dict[str, Any] | Bad:
+        """draw: which draw of the sample this is (training only); None = never timestamped."""
         if record.problem:
             return Bad(record.id, BAD_LINE, record.problem)
         labels = self.labels(record.text)
@@ -213,7 +253,16 @@ class Prepare:
             return Bad(record.id, "audio over 30 s", f"{seconds:.1f} s")
         if not np.isfinite(audio).all():
             return Bad(record.id, "NaN or inf in audio")
+        if self.timestamped(record.id, draw):
+            labels = self.with_timestamps(labels, seconds)
         return {"id": record.id, "input_features": self.log_mel(audio), "labels": labels, "seconds": seconds}
+
+
+def clean_text(text: str) -> str:
+    """The transcript as trained on and scored against: surrounding whitespace stripped, inner runs of
+    whitespace (tabs, newlines, double spaces) made one space. Nothing else is changed: casing and
+    punctuation are what the model should learn to write."""
+    return " ".join(text.split())
 class RecordDataset(torch.utils.data.Dataset):
     """Map-style: index -> prepared sample. Indexing (not iteration) keeps resume exact and cheap."""
 
@@ -223,7 +272,9 @@ class RecordDataset(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.records)
 
-    def __getitem__(self, i: int):
+    def __getitem__(self, i: int | tuple[int, int]):
+        if isinstance(i, tuple):  # (index, draw) from TrainBatches: the draw decides timestamped or not
+            return self.prepare(self.records[i[0]], draw=i[1])
         return self.prepare(self.records[i])
 
 
@@ -246,17 +297,23 @@ class TrainBatches(torch.utils.data.Sampler):
         self.n, self.batch_size, self.seed, self.rank, self.world, self.start = n, batch_size, seed, rank, world, start
         self.per_epoch = math.ceil(per_rank / batch_size)
 
-    def epoch_batches(self, epoch: int) -> list[list[int]]:
+    def epoch_batches(self, epoch: int, draws: bool = False) -> list[list]:
+        """This process's batches of epoch `epoch`: indices, or (index, draw) pairs with draws=True.
+
+        A draw numbers a sample's place in the whole run (epoch * n + place in the epoch's order), the same
+        whatever the number of processes; Prepare hashes it to decide whether the sample is timestamped.
+        """
         g = torch.Generator().manual_seed(self.seed * 100_003 + epoch)
         order = torch.randperm(self.n, generator=g).tolist()
-        mine = order[: (self.n // self.world) * self.world][self.rank :: self.world]
+        places = range(self.rank, (self.n // self.world) * self.world, self.world)
+        mine = [(order[p], epoch * self.n + p) if draws else order[p] for p in places]
         return [mine[i : i + self.batch_size] for i in range(0, len(mine), self.batch_size)]
 
-    def __iter__(self) -> Iterator[list[int]]:
+    def __iter__(self) -> Iterator[list[tuple[int, int]]]:
         position = self.start
         while True:
             epoch, offset = divmod(position, self.per_epoch)
-            for batch in self.epoch_batches(epoch)[offset:]:
+            for batch in self.epoch_batches(epoch, draws=True)[offset:]:
                 yield batch
                 position += 1
 

@@ -12,6 +12,18 @@ Writes, under --output-dir (default <checkpoint_dir>/eval/<model>-<split>/):
   predictions.jsonl  one object per evaluated sample: id, reference, prediction, wer (normalised, %)
   summary.json       model, data, language, metrics, skipped samples
 Each sample is evaluated by exactly one process and counted once (whisper_ft.evaluation).
+
+Long-form check (one process), before and after fine-tuning, of what short clips cannot show:
+
+    python -m whisper_ft.evaluate --config config.yaml --long-form DATA [--split test] [--long-form-minutes 3]
+    python -m whisper_ft.evaluate --config config.yaml --long-form talk.mp3 --model openai/whisper-small
+
+DATA is a dataset (Common Voice folder, manifest, Hub id): its clips are joined, 0.5 s of silence apart,
+into recordings of about --long-form-minutes; an audio file with <name>.txt beside it (or a folder of
+such pairs) is used as it is. Each is transcribed with timestamps, window after window, as
+whisper_ft.transcribe does; long_form.json (default <checkpoint_dir>/eval/<model>-long-form/) holds the
+WER of the whole transcripts, the segment count, whether every segment lies inside its audio and how
+many segments start without a space (glued sentences), with every segment per recording.
 """
 
 from __future__ import annotations
@@ -36,9 +48,15 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
                                 formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False)
     p.add_argument("--model", default="", help="model folder, Hub id or checkpoint-<step> folder (see above)")
     p.add_argument("--split", default="", help="split(s) to evaluate; default: eval_split of the config")
-    p.add_argument("--output-dir", default="", help="where predictions.jsonl and summary.json go")
+    p.add_argument("--output-dir", default="", help="where predictions.jsonl and summary.json (or long_form.json) go")
+    p.add_argument("--long-form", default="", metavar="DATA_OR_AUDIO",
+                   help="long-form check instead: a dataset whose clips are joined, or audio with a .txt beside it")
+    p.add_argument("--long-form-minutes", type=float, default=3.0, help="length of each joined recording (default 3)")
     # allow_abbrev=False: --model must not swallow the config's --model-name / --model-cache.
-    return p.parse_known_args(sys.argv[1:] if argv is None else argv)
+    args, rest = p.parse_known_args(sys.argv[1:] if argv is None else argv)
+    if args.long_form_minutes <= 0:
+        p.error("--long-form-minutes must be above 0")
+    return args, rest
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -60,6 +78,11 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def run(cfg, args) -> int:
+    if args.long_form:
+        from whisper_ft import long_form
+
+        model_ref, label = choose_model(args.model, cfg)
+        return long_form.run(cfg, args, model_ref, label, lambda m: print(m, file=sys.stderr, flush=True))
     from accelerate import Accelerator
     from accelerate.utils import DataLoaderConfiguration
 

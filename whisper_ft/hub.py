@@ -20,6 +20,7 @@ from typing import Any
 
 import yaml
 
+from whisper_ft.config import eval_set_specs
 from whisper_ft.model import ModelError
 
 # What a model folder needs, and nothing of the training state beside it (DESIGN pitfall 12).
@@ -85,6 +86,19 @@ def base_model_id(ref: str) -> str | None:
     return origin if isinstance(origin, str) and hub_id(origin) else None
 
 
+def worse_than_base(cfg, base: dict[str, Any], final: dict[str, Any]) -> str | None:
+    """A plain warning when the exported model scores worse than the base model did, with what to change."""
+    key = "eval_" + cfg.metric_for_best_model
+    before, after = base.get(key), final.get(key)
+    if before is None or after is None or after == before or (after > before) == cfg.greater_is_better:
+        return None
+    return (f"the fine-tuned model is worse than the base model: {cfg.metric_for_best_model} {before:.2f} before "
+            f"fine-tuning, {after:.2f} after (step {final.get('step')}). Try a lower learning_rate (now "
+            f"{cfg.learning_rate:g}; e.g. {cfg.learning_rate / 3:.1g}), fewer max_steps if the evaluations got worse "
+            "as training went on, more max_steps or warmup_steps if they were still improving, or more (and "
+            f"more varied) training data. The base model {_shown(cfg.whisper_pretrained)} may serve you better as it is.")
+
+
 def _shown(ref: str) -> str:
     """A Hub id as is; a local path by its last part only, so the card does not publish the machine's layout."""
     return ref if hub_id(ref) else Path(ref.rstrip("/")).name or ref
@@ -97,34 +111,43 @@ def model_card(cfg, lang, state: dict[str, Any], evals: list[dict[str, Any]]) ->
     base = state.get("base_metrics") or next((r for r in evals if r.get("step") == 0), {})
     final = exported_metrics(cfg, state, evals)
     base_id = base_model_id(cfg.whisper_pretrained)
-    dataset = hub_id(cfg.dataset_name)
-    data_name = _shown(cfg.dataset_name)
+    sets = eval_set_specs(cfg)
+    first = next(iter(sets.values()))  # the first evaluation set: its plain eval_* keys picked the model
+    dataset = hub_id(first["dataset_name"])
+    data_name = _shown(first["dataset_name"])
     exported_step = final.get("step", state.get("step"))
 
-    def result(metrics: dict[str, Any]) -> list[dict[str, Any]]:
-        values = [{"type": kind, "value": round(metrics[key], 2), "name": name} for key, kind, name in
-                  (("eval_wer", "wer", "WER"), ("eval_cer", "cer", "CER"),
-                   ("eval_wer_ortho", "wer", "Orthographic WER")) if metrics.get(key) is not None]
+    def result(metrics: dict[str, Any], prefix: str, spec: dict[str, str]) -> list[dict[str, Any]]:
+        values = [{"type": kind, "value": round(metrics[prefix + key], 2), "name": name} for key, kind, name in
+                  (("wer", "wer", "WER"), ("cer", "cer", "CER"), ("wer_ortho", "wer", "Orthographic WER"))
+                  if metrics.get(prefix + key) is not None]
         if not values:
             return []
+        name = _shown(spec["dataset_name"])
         return [{"task": {"type": "automatic-speech-recognition", "name": "Automatic Speech Recognition"},
-                 "dataset": {"name": data_name, "type": dataset or data_name,
-                             **({"config": cfg.dataset_config} if cfg.dataset_config else {}),
-                             "split": cfg.eval_split, "args": {"language": lang.code}},
+                 "dataset": {"name": name, "type": hub_id(spec["dataset_name"]) or name,
+                             **({"config": spec["dataset_config"]} if spec["dataset_config"] else {}),
+                             "split": spec["split"], "args": {"language": lang.code}},
                  "metrics": values}]
+
+    def results(metrics: dict[str, Any]) -> list[dict[str, Any]]:
+        if not cfg.eval_sets:
+            return result(metrics, "eval_", first)
+        return [r for name, spec in sets.items() for r in result(metrics, f"eval/{name}/", spec)]
 
     # The first entry is this model (what the Hub shows and ranks); the base model's zero-shot numbers
     # on the same data follow as a second, separately named entry so the two are never mixed up.
-    index = [{"name": cfg.checkpoint_name, "results": result(final)}]
-    if result(base):
+    index = [{"name": cfg.checkpoint_name, "results": results(final)}]
+    if results(base):
         index.append({"name": f"{_shown(cfg.whisper_pretrained)} (base model, before fine-tuning)",
-                      "results": result(base)})
+                      "results": results(base)})
     meta = {"language": [lang.code], "license": "apache-2.0",
-            # A local starting folder stays readable in the local card; push() drops it from the uploaded one.
-            "base_model": base_id or cfg.whisper_pretrained,
+            # Hub metadata wants a Hub id; a local starting folder is named in the text, never by its path.
+            **({"base_model": base_id} if base_id else {}),
             "library_name": "transformers", "pipeline_tag": "automatic-speech-recognition",
             "tags": ["whisper", "whisper-ft", "automatic-speech-recognition"],
-            **({"datasets": [dataset]} if dataset else {}),
+            **({"datasets": list(dict.fromkeys(d for d in (hub_id(cfg.dataset_name), dataset) if d))}
+               if hub_id(cfg.dataset_name) or dataset else {}),
             "metrics": ["wer", "cer"], "model-index": index}
     bad = (state.get("bad") or {}).get("counts") or {}
     fmt = lambda v: "n/a" if v is None else f"{v:.2f}"  # noqa: E731
@@ -132,32 +155,39 @@ def model_card(cfg, lang, state: dict[str, Any], evals: list[dict[str, Any]]) ->
                      (("eval_wer", "WER, normalised (%)"), ("eval_cer", "CER, normalised (%)"),
                       ("eval_wer_ortho", "WER, orthographic (%)"), ("eval_loss", "eval loss (per token)")))
     model_id = cfg.hub_model_id or cfg.checkpoint_name
-    data = f"`{data_name}`" + (f" (config `{cfg.dataset_config}`)" if cfg.dataset_config else "")
+    data = f"`{data_name}`" + (f" (config `{first['dataset_config']}`)" if first["dataset_config"] else "")
+    train_data = f"`{_shown(cfg.dataset_name)}`" + (f" (config `{cfg.dataset_config}`)" if cfg.dataset_config else "")
     samples = final.get("eval_samples", base.get("eval_samples", "n/a"))
     skipped = f"{sum(bad.values())} unusable samples skipped" + (
         ": " + ", ".join(f"{n} {r}" for r, n in bad.items()) if bad else "")
     hours = _hours(state.get("audio_seconds_seen"))
     precision = "fp16" if cfg.fp16 else "bf16" if cfg.bf16 else "fp32"
+    origin = f"`{base_id}`" if base_id else f"a local model (`{_shown(cfg.whisper_pretrained)}`)"
+    evaluated_on = (", ".join(f"`{n}`" for n in sets) + " (the first chose the model)") if cfg.eval_sets \
+        else f"`{cfg.eval_split}`"
+    all_sets = sets_table(sets, base, final) if cfg.eval_sets else ""
+    worse = worse_than_base(cfg, base, final)
+    warning = f"\n**Warning:** {worse}\n" if worse else ""
     return f"""---
 {yaml.safe_dump(meta, sort_keys=False, allow_unicode=True).strip()}
 ---
 
 # {cfg.checkpoint_name}
 
-`{_shown(cfg.whisper_pretrained)}` fine-tuned to {cfg.task} {lang.name.title()} speech with whisper-ft.
-
+Fine-tuned from {origin} to {cfg.task} {lang.name.title()} speech with whisper-ft.
+{warning}
 ## Results
 
 | metric | base model (step 0) | this model (step {exported_step}) |
 |---|---|---|
 {rows}
 
-Both evaluated by generation on {data} split `{cfg.eval_split}` ({samples} samples). Normalised: lowercase,
+Both evaluated by generation on {data} split `{first['split']}` ({samples} samples). Normalised: lowercase,
 without punctuation and symbols, combining marks kept; orthographic: the raw text.
-
+{all_sets}
 ## Training
 
-- data: {data}; trained on split `{cfg.train_split}`, evaluated on `{cfg.eval_split}`
+- data: {train_data}; trained on split `{cfg.train_split}`, evaluated on {evaluated_on}
 - {state.get('step')} optimizer steps, {state.get('samples_seen')} samples, {hours} of audio
 - {skipped}
 - learning rate {cfg.learning_rate} ({cfg.lr_scheduler_type}, {cfg.warmup_steps} warmup steps)
@@ -171,15 +201,34 @@ Framework versions: {versions(transformers.__version__, torch.__version__)}
 ## Use
 
 ```python
+import soundfile as sf  # pip install soundfile soxr: they read WAV, FLAC, OGG and MP3 without FFmpeg
+import soxr
 from transformers import pipeline
+
 asr = pipeline("automatic-speech-recognition", model="{model_id}")
-print(asr("audio.mp3", return_timestamps=True)["text"])  # timestamps let it read audio over 30 s
+audio, rate = sf.read("audio.mp3", dtype="float32")
+audio = soxr.resample(audio.mean(axis=1) if audio.ndim > 1 else audio, rate, 16000)  # mono, 16 kHz
+print(asr(audio, return_timestamps=True)["text"])  # timestamps let it read audio over 30 s
 ```
+
+(Passing a file name instead, `asr("audio.mp3")`, makes the pipeline decode it with FFmpeg, which must be installed.)
 
 With whisper-ft: `python -m whisper_ft.transcribe --model {model_id} recording.mp3 --format srt`
 (long files whole, with segment times); for faster-whisper:
 `python -m whisper_ft.export --model {model_id} --quantization int8_float16`.
 """
+
+
+def sets_table(sets: dict[str, dict[str, str]], base: dict[str, Any], final: dict[str, Any]) -> str:
+    """Every named evaluation set, base and fine-tuned: what fine-tuning gained, and what it cost elsewhere."""
+    fmt = lambda v: "n/a" if v is None else f"{v:.2f}"  # noqa: E731
+    rows = [f"| {name} | `{_shown(spec['dataset_name'])}` `{spec['split']}` | {final.get(f'eval/{name}/samples', 'n/a')} | "
+            f"{fmt(base.get(f'eval/{name}/wer'))} | {fmt(final.get(f'eval/{name}/wer'))} | "
+            f"{fmt(base.get(f'eval/{name}/loss'))} | {fmt(final.get(f'eval/{name}/loss'))} |"
+            for name, spec in sets.items()]
+    return ("\nAll evaluation sets (the first chose the exported model; a set outside the training domain shows what "
+            "fine-tuning cost there):\n\n| set | data, split | samples | WER base | WER this model | loss base | "
+            "loss this model |\n|---|---|---|---|---|---|---|\n" + "\n".join(rows) + "\n")
 
 
 def _hours(seconds) -> str:

@@ -46,8 +46,7 @@ class MetricsLog:
         row = {"step": step, **{k: _plain(v) for k, v in values.items()}}
         with open(self.path, "a", encoding="utf-8") as f:
             f.write(json.dumps(row, ensure_ascii=False) + "\n")
-        scalars = {key.replace("eval_", "eval/") if key.startswith("eval_") else f"train/{key}": value
-                   for key, value in values.items()
+        scalars = {tag(key): value for key, value in values.items()
                    if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)}
         if scalars and self.accelerator.trackers:
             self.accelerator.log(scalars, step=step)
@@ -59,6 +58,13 @@ class MetricsLog:
     def close(self) -> None:
         if self.writer is not None:
             self.writer.flush()
+
+
+def tag(key: str) -> str:
+    """TensorBoard tag: eval_wer -> eval/wer, eval/<set>/wer as is, loss -> train/loss."""
+    if key.startswith("eval/"):
+        return key
+    return key.replace("eval_", "eval/", 1) if key.startswith("eval_") else f"train/{key}"
 
 
 def _plain(value: Any) -> Any:

@@ -142,14 +142,30 @@ class Window:
         return self.samples / max(1e-9, time.perf_counter() - self.start)
 
 
+def set_metrics(name: str, metrics: dict[str, Any]) -> dict[str, Any]:
+    """eval_wer, eval_loss ... of one named evaluation set as eval/<name>/wer, eval/<name>/loss ..."""
+    return {f"eval/{name}/{key[5:]}": value for key, value in metrics.items() if key.startswith("eval_")}
+
+
+def eval_summary(metrics: dict[str, Any], sets: list[str] | None) -> str:
+    """One log line: 'wer 12.00, cer 4.00, ...', or per named set 'dev: wer 12.00, ...; general: ...'."""
+    shown = ("wer", "cer", "wer_ortho", "loss")
+    if not sets:
+        return ", ".join(f"{k} {metrics['eval_' + k]:.2f}" for k in shown if "eval_" + k in metrics)
+    return "; ".join(f"{name}: " + ", ".join(f"{k} {metrics[f'eval/{name}/{k}']:.2f}" for k in shown
+                                             if f"eval/{name}/{k}" in metrics) for name in sets)
+
+
 def samples_table(rows: list[dict[str, str]]) -> str:
     return "\n".join(f"| {r['id']} | {r['reference']} | {r['prediction']} |" for r in
                      [{"id": "id", "reference": "reference", "prediction": "prediction"},
                       {"id": "-", "reference": "-", "prediction": "-"}] + rows)
 
 
-def finish(cfg: Config, lang, state: dict[str, Any], bad: BadCounter, out, say) -> None:
-    """Model card, Hub upload and the closing summary: the before/after numbers a user came for."""
+def finish(cfg: Config, lang, state: dict[str, Any], bad: BadCounter, out, say) -> str | None:
+    """Model card, Hub upload and the closing summary: the before/after numbers a user came for.
+
+    Returns the warning when the exported model is worse than the base model, else None."""
     from whisper_ft import hub
 
     hub.write_model_card(out, cfg, lang, state)
@@ -157,6 +173,7 @@ def finish(cfg: Config, lang, state: dict[str, Any], bad: BadCounter, out, say) 
     key = "eval_" + cfg.metric_for_best_model
     if base.get(key) is not None and best is not None:
         say(f"{cfg.metric_for_best_model}: base model {base[key]:.2f} -> fine-tuned {best:.2f}")
+    worse = hub.worse_than_base(cfg, base, hub.exported_metrics(cfg, state, hub.read_evals(Path(out))))
     if bad.total:
         say(f"skipped {bad.total} unusable samples during training: "
             + ", ".join(f"{n} {r}" for r, n in bad.counts.most_common()) + "; first: " + "; ".join(bad.examples[:5]))
@@ -164,3 +181,6 @@ def finish(cfg: Config, lang, state: dict[str, Any], bad: BadCounter, out, say) 
     if cfg.push_to_hub:
         url = hub.push(out, cfg)
         say(f"uploaded to {url}")
+    if worse:  # last, where a user reading the end of train.log sees it
+        say("WARNING: " + worse)
+    return worse

@@ -188,21 +188,33 @@ class Transcriber:
             return [], errors + [(str(p), f"transcription failed: {type(e).__name__}: {str(e)[:200]}") for p in ok]
 
     def _generate(self, files: list[Path], audios: list[np.ndarray]) -> list[Transcript]:
-        import torch
-
-        features, mask = long_form_inputs(self.processor.feature_extractor, audios)
-        with torch.no_grad():
-            out = self.model.generate(features.to(self.device, self.dtype), attention_mask=mask.to(self.device),
-                                      return_timestamps=True, return_segments=True, **self.kwargs)
+        raw = generate_segments(self.model, self.processor, audios, self.kwargs, self.device, self.dtype)
         tokenizer = self.processor.tokenizer
         transcripts = []
-        for path, audio, raw_segments in zip(files, audios, out["segments"]):
+        for path, audio, raw_segments in zip(files, audios, raw):
             duration = len(audio) / SAMPLE_RATE
             segments = clean_segments(raw_segments, duration, tokenizer)
-            tokens = [int(t) for s in raw_segments for t in s["tokens"]]
-            text = tokenizer.decode(tokens, skip_special_tokens=True).strip()
-            transcripts.append(Transcript(path, duration, text, segments))
+            transcripts.append(Transcript(path, duration, joined_text(raw_segments, tokenizer), segments))
         return transcripts
+
+
+def generate_segments(model, processor, audios: list[np.ndarray], kwargs: dict[str, Any], device, dtype):
+    """Whisper's long-form generation over whole recordings: per recording, its raw segments (start, end,
+    tokens) as transformers returns them, times not yet clamped to the audio (the evaluator checks them)."""
+    import torch
+
+    features, mask = long_form_inputs(processor.feature_extractor, audios)
+    with torch.no_grad():
+        out = model.generate(features.to(device, dtype), attention_mask=mask.to(device),
+                             return_timestamps=True, return_segments=True, **kwargs)
+    return out["segments"]
+
+
+def joined_text(raw_segments: list[dict[str, Any]], tokenizer) -> str:
+    """The whole transcript: every segment's tokens decoded together, so segments join as the model wrote
+    them (a model trained without Whisper's leading space glues them: "...down.Open...")."""
+    tokens = [int(t) for s in raw_segments for t in s["tokens"]]
+    return tokenizer.decode(tokens, skip_special_tokens=True).strip()
 
 
 def load_audio(path: Path) -> np.ndarray:

@@ -1,0 +1,175 @@
+"""Long-form quality check: does the model still transcribe recordings longer than Whisper's 30-s window?
+
+    python -m whisper_ft.evaluate --config config.yaml --long-form DIR_OR_MANIFEST [--split test]
+    python -m whisper_ft.evaluate --config config.yaml --long-form talk.mp3     # with talk.txt beside it
+
+Short-clip WER cannot see what long recordings depend on: timestamps (each 30-s window starts where
+the previous one's last timestamp ended) and the leading space that joins one segment to the next.
+Held-out clips of a data source (split --split, default eval_split) are joined, with short silences
+between them, into recordings of about --long-form-minutes; an audio file with its transcript in a
+.txt of the same name (or a folder of such pairs) is used as it is. Each recording is transcribed the
+way whisper_ft.transcribe does it, and the report gives the WER of the whole transcripts, the segment
+count, whether every segment lies inside its audio, and how many segments start without a space.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from whisper_ft.data import SAMPLE_RATE, DataError, clean_text, decode_audio
+from whisper_ft.transcribe import AUDIO_SUFFIXES, generate_segments, joined_text
+
+GAP_SECONDS = 0.5  # silence between joined clips: a pause between sentences, not a gap Whisper would skip
+TOLERANCE = 0.02  # one timestamp step: a segment may end on the grid point just after the audio's end
+
+
+def recordings_from_files(path: Path) -> list[dict[str, Any]]:
+    """An audio file with <stem>.txt beside it, or a folder of such pairs: used as they are."""
+    files = [path] if path.is_file() else sorted(p for p in path.iterdir() if p.suffix.lower() in AUDIO_SUFFIXES)
+    out = []
+    for audio_path in files:
+        text_path = audio_path.with_suffix(".txt")
+        if not text_path.is_file():
+            raise DataError(f"{audio_path} has no transcript {text_path.name} beside it")
+        out.append({"name": audio_path.name, "audio": decode_audio_file(audio_path),
+                    "reference": clean_text(text_path.read_text(encoding="utf-8")), "clips": [audio_path.name]})
+    return out
+
+
+def decode_audio_file(path: Path) -> np.ndarray:
+    from whisper_ft.data import Record
+
+    try:
+        return decode_audio(Record(id=str(path), text="", path=str(path)))
+    except Exception as e:  # soundfile raises several types; say which file
+        raise DataError(f"cannot read {path}: {str(e).splitlines()[0][:200] if str(e) else type(e).__name__}") from None
+
+
+def is_recording_folder(path: Path) -> bool:
+    """A folder of long recordings: audio files, each with its .txt, and no manifest or release tables."""
+    if not path.is_dir():
+        return path.is_file() and path.suffix.lower() in AUDIO_SUFFIXES
+    audio = [p for p in path.iterdir() if p.suffix.lower() in AUDIO_SUFFIXES]
+    return bool(audio) and all(p.with_suffix(".txt").is_file() for p in audio)
+
+
+def join_clips(records, prepare, minutes: float, gap: float = GAP_SECONDS) -> tuple[list[dict[str, Any]], int]:
+    """Clips in their split's order joined into recordings of about `minutes` each; (recordings, clips skipped).
+
+    Unusable clips (bad transcript, unreadable or over-30-s audio) are skipped and counted.
+    """
+    recordings, current, skipped = [], None, 0
+    silence = np.zeros(int(gap * SAMPLE_RATE), np.float32)
+    for record in records:
+        if prepare.screen(record) is not None:
+            skipped += 1
+            continue
+        try:
+            audio = decode_audio(record)
+        except Exception:  # a broken clip must not end the check; it is counted
+            skipped += 1
+            continue
+        if not len(audio) or len(audio) > 30 * SAMPLE_RATE or not np.isfinite(audio).all():
+            skipped += 1
+            continue
+        if current is None:
+            current = {"name": f"recording-{len(recordings) + 1}", "parts": [], "texts": [], "clips": []}
+            recordings.append(current)
+        current["parts"] += [silence, audio] if current["parts"] else [audio]
+        current["texts"].append(clean_text(record.text))
+        current["clips"].append(record.id)
+        if sum(len(p) for p in current["parts"]) >= minutes * 60 * SAMPLE_RATE:
+            current = None
+    return [{"name": r["name"], "audio": np.concatenate(r["parts"]), "reference": " ".join(r["texts"]),
+             "clips": r["clips"]} for r in recordings], skipped
+
+
+def check(model, processor, recordings: list[dict[str, Any]], kwargs: dict[str, Any], device, dtype,
+          batch_size: int = 4) -> dict[str, Any]:
+    """Transcribe each recording in long-form mode and measure it; returns the report (JSON-ready)."""
+    import jiwer
+
+    from whisper_ft.evaluation import normalize
+
+    tokenizer = processor.tokenizer
+    rows = []
+    for start in range(0, len(recordings), batch_size):
+        batch = recordings[start : start + batch_size]
+        for rec, raw in zip(batch, generate_segments(model, processor, [r["audio"] for r in batch], kwargs,
+                                                     device, dtype)):
+            duration = len(rec["audio"]) / SAMPLE_RATE
+            segments = [{"start": round(float(s["start"]), 3), "end": round(float(s["end"]), 3),
+                         "text": tokenizer.decode([int(t) for t in s["tokens"]], skip_special_tokens=True)}
+                        for s in raw]
+            spoken = [s for s in segments if s["text"].strip()]
+            outside = [s for s in segments if s["start"] < 0 or s["end"] < s["start"]
+                       or s["end"] > duration + TOLERANCE]
+            rows.append({"name": rec["name"], "duration": round(duration, 3), "clips": len(rec["clips"]),
+                         "reference": rec["reference"], "transcript": joined_text(raw, tokenizer),
+                         "segments": len(spoken), "segments_outside_audio": len(outside),
+                         "segments_without_leading_space": sum(not s["text"].startswith(" ") for s in spoken),
+                         "segment_list": segments})
+    refs = [normalize(r["reference"]) for r in rows]
+    hyps = [normalize(r["transcript"]) for r in rows]
+    for row, ref, hyp in zip(rows, refs, hyps):
+        row["wer"] = round(100 * jiwer.wer(ref, hyp), 2) if ref else None
+    scored = [(r, h) for r, h in zip(refs, hyps) if r]
+    return {
+        "recordings": len(rows), "audio_seconds": round(sum(r["duration"] for r in rows), 2),
+        "long_form_wer": 100 * jiwer.wer([r for r, _ in scored], [h for _, h in scored]) if scored else None,
+        "segments": sum(r["segments"] for r in rows),
+        "segments_inside_audio": all(r["segments_outside_audio"] == 0 for r in rows),
+        "segments_outside_audio": sum(r["segments_outside_audio"] for r in rows),
+        "segments_without_leading_space": sum(r["segments_without_leading_space"] for r in rows),
+        "per_recording": rows,
+    }
+
+
+def run(cfg, args, model_ref: str, label: str, say) -> int:
+    """evaluate --long-form: build the recordings, transcribe them, write long_form.json and print the summary."""
+    import torch
+
+    from whisper_ft.data import Prepare
+    from whisper_ft.evaluate import default_output_dir, load_any
+    from whisper_ft.languages import resolve
+    from whisper_ft.model import is_multilingual
+    from whisper_ft.sources import load_records
+
+    lang = resolve(cfg.lang)
+    source = Path(args.long_form).expanduser()
+    processor, model = load_any(model_ref, cfg, lang)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = torch.float16 if device.type == "cuda" and (cfg.fp16 or cfg.bf16) else torch.float32
+    model.to(device, dtype).eval()
+    split = args.split or cfg.eval_split
+    if is_recording_folder(source):
+        recordings, skipped, what = recordings_from_files(source), 0, str(source)
+    else:
+        records = load_records(args.long_form, split, lang=lang, text_column=cfg.text_column,
+                               audio_column=cfg.audio_column, dataset_config=cfg.dataset_config,
+                               revision=cfg.dataset_revision, cache_dir=cfg.dataset_cache, token=cfg.hf_token)
+        records = records[: cfg.max_eval_samples or None]
+        prepare = Prepare(processor.feature_extractor, processor.tokenizer)
+        recordings, skipped = join_clips(records, prepare, args.long_form_minutes)
+        what = f"{args.long_form} split {split!r}, clips joined into recordings of about {args.long_form_minutes} min"
+    if not recordings:
+        raise DataError(f"no usable audio in {args.long_form}" + (f" ({skipped} clips unusable)" if skipped else ""))
+    say(f"long-form check of {model_ref} ({label}) on {what}: {len(recordings)} recording(s)")
+    kwargs = {"language": model.generation_config.language, "task": model.generation_config.task} \
+        if is_multilingual(model) else {}
+    report = {"model": model_ref, "model_kind": label, "source": str(args.long_form), "language": lang.code,
+              "clips_skipped": skipped, **check(model, processor, recordings, kwargs, device, dtype)}
+    out = Path(args.output_dir) if args.output_dir else default_output_dir(cfg, model_ref, label, "long-form")
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "long_form.json").write_text(json.dumps(report, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
+    wer = "n/a" if report["long_form_wer"] is None else f"{report['long_form_wer']:.2f}"
+    say(f"long-form WER {wer} over {report['audio_seconds']:.0f} s; {report['segments']} segments, "
+        + ("all inside the audio" if report["segments_inside_audio"] else
+           f"{report['segments_outside_audio']} outside the audio")
+        + f"; {report['segments_without_leading_space']} starting without a space")
+    say(f"wrote {out / 'long_form.json'}")
+    return 0
