@@ -72,6 +72,8 @@ class Run:
     prepare: Any = None  # data.Prepare: record -> model inputs
     forward: Any = None  # speed.CompiledForward
     compile_on: bool = False
+    n_params: int = 0  # counted before FSDP/DeepSpeed shard the model
+    n_trained: int = 0
     train_data: Any = None  # a record list, or a streamed Hub dataset
     eval_sets: dict[str, list] = field(default_factory=dict)
     state: Any = None  # state.RunState
@@ -123,7 +125,7 @@ def setup(run: Run) -> None:
     """Model, data and optimizer, prepared for the processes."""
     from accelerate.utils import set_seed
 
-    from whisper_ft import batches, device, speed, trainable
+    from whisper_ft import batches, device, sharding, speed, trainable
     from whisper_ft.data import Prepare
     from whisper_ft.languages import resolve
     from whisper_ft.model import load_whisper
@@ -145,7 +147,11 @@ def setup(run: Run) -> None:
     run.train_data, eval_records = batches.load_data(cfg, run.lang, run.prepare, say)
     run.eval_sets = batches.load_eval_sets(cfg, run.lang, run.prepare, say, eval_records)  # {"eval": ...} by default
 
+    # Groups and counts come from the whole model, before FSDP/DeepSpeed shard it in prepare.
     optimizer = trainable.build_optimizer(model, cfg)  # AdamW (or 8-bit) over the trainable weights only
+    run.n_params = sharding.count_parameters(model)
+    run.n_trained = sharding.count_parameters(model, trainable_only=True)
+    sharding.configure_deepspeed(accelerator, cfg, say)  # micro-batch, accumulation, clipping: ours, not DeepSpeed's
     run.model, run.optimizer = accelerator.prepare(model, optimizer)
     trainable.keep_trainable_only(accelerator, cfg)  # checkpoints of LoRA/frozen runs skip the frozen base
     run.forward = speed.CompiledForward(run.model, run.compile_on, lambda m: say(m, to_bar=True))
@@ -159,9 +165,16 @@ def resume(run: Run) -> bool:
     from whisper_ft.state import RunState, resume_state
 
     cfg, accelerator, out, say = run.cfg, run.accelerator, run.out, run.say
+    # Files in checkpoint_dir are written once, by the main process; with several machines it must be
+    # one shared folder, which every process checks before reading a checkpoint from it.
+    if accelerator.is_main_process:
+        out.mkdir(parents=True, exist_ok=True)
+    accelerator.wait_for_everyone()
+    checkpoint.check_shared(accelerator, out)
     run.state = RunState.fresh(cfg)
     # The newest readable checkpoint (unreadable ones are named and skipped); another run's is refused.
     run.resumed_from, saved = checkpoint.resume(accelerator, out, say, accept=lambda s: resume_state(s, cfg, say))
+    checkpoint.agree_on_resume(accelerator, run.resumed_from)  # every process from the same one, or all from none
     if run.resumed_from is not None:
         run.state = saved
         if run.state.step >= cfg.max_steps and (out / "config.json").is_file():  # rerun of a finished run
@@ -169,11 +182,8 @@ def resume(run: Run) -> bool:
                 f"is in {out}; nothing to do. Raise max_steps to train on, or set a new checkpoint_name for a new run.")
             return True
         say(f"resumed from {run.resumed_from} at step {run.state.step}")
-    elif accelerator.is_main_process:
-        out.mkdir(parents=True, exist_ok=True)
     if accelerator.is_main_process:
-        checkpoint.check_disk(out, sum(p.numel() for p in run.model.parameters()), cfg.save_total_limit, say,
-                              trained=sum(p.numel() for p in run.model.parameters() if p.requires_grad))
+        checkpoint.check_disk(out, run.n_params, cfg.save_total_limit, say, trained=run.n_trained)
         (out / "config.yaml").write_text(dump_yaml(cfg), encoding="utf-8")
     accelerator.wait_for_everyone()
     return False
@@ -363,7 +373,7 @@ def save(run: Run, step: int) -> None:
 
 def finish(run: Run) -> None:
     """The model out: the best (or last) weights exported as a plain Whisper folder, model card, upload, summary."""
-    from whisper_ft import checkpoint, hub, trainable
+    from whisper_ft import checkpoint, hub, sharding, trainable
 
     cfg, accelerator, state, out = run.cfg, run.accelerator, run.state, run.out
     run.bar.close()
@@ -371,9 +381,12 @@ def finish(run: Run) -> None:
         accelerator.load_state(str(out / f"checkpoint-{state.best_step}"))
         run.say(f"best {cfg.metric_for_best_model} {state.best_metric:.2f} was at step {state.best_step}; "
                 "exporting that model")
+    # FSDP and ZeRO-3 shard the weights: gather them whole, on every process (LoRA is refused with both)
+    full = accelerator.get_state_dict(run.model) if sharding.is_sharded(accelerator) else None
     if accelerator.is_main_process:
         # LoRA merged into the base: a plain Whisper folder (the adapter beside it with lora_save_adapter)
-        checkpoint.export_model(trainable.exportable(accelerator.unwrap_model(run.model), cfg, out), run.processor, out)
+        model = trainable.exportable(accelerator.unwrap_model(run.model), cfg, out)
+        checkpoint.export_model(model, run.processor, out, full)
         worse = hub.publish(cfg, run.lang, state, out, run.say)
         run.log.log(state.step, {"bad_samples_by_reason": dict(state.bad.counts), "bad_samples": state.bad.total,
                                  "samples_seen": state.samples_seen, "worse_than_base": worse is not None,
