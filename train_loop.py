@@ -61,7 +61,7 @@ def train(cfg: Config, on_cpu: bool = False) -> int:
     from accelerate.utils import DataLoaderConfiguration, set_seed
     from tqdm.auto import tqdm
 
-    from whisper_ft import batches, checkpoint, device, run, speed, stopping, trainable
+    from whisper_ft import batches, checkpoint, device, run, sharding, speed, stopping, trainable
     from whisper_ft.collate import Collator, decoder_inputs
     from whisper_ft.data import BadCounter, Prepare
     from whisper_ft.evaluation import evaluate, token_loss_sum
@@ -101,7 +101,10 @@ def train(cfg: Config, on_cpu: bool = False) -> int:
     eval_sets = batches.load_eval_sets(cfg, lang, prepare, say, eval_records)  # {"eval": ...} without eval_sets
     bad = BadCounter()  # unusable training samples, counted when drawn: the same on every process
 
+    # Groups and counts come from the whole model, before FSDP/DeepSpeed shard it in prepare.
     optimizer = trainable.build_optimizer(model, cfg)  # AdamW (or 8-bit) over the trainable weights only
+    n_params, n_trained = sharding.count_parameters(model), sharding.count_parameters(model, trainable_only=True)
+    sharding.configure_deepspeed(accelerator, cfg, say)  # micro-batch, accumulation, clipping: ours, not DeepSpeed's
     model, optimizer = accelerator.prepare(model, optimizer)
     trainable.keep_trainable_only(accelerator, cfg)  # checkpoints of LoRA/frozen runs skip the frozen base
     forward = speed.CompiledForward(model, compile_on, lambda m: say(m, to_bar=True))
@@ -110,9 +113,16 @@ def train(cfg: Config, on_cpu: bool = False) -> int:
         f"precision {accelerator.mixed_precision}")
 
     # ---- resume or start ----------------------------------------------------------------------
+    # Files in checkpoint_dir are written once, by the main process; with several machines it must be
+    # one shared folder, which every process checks before reading a checkpoint from it.
+    if accelerator.is_main_process:
+        out.mkdir(parents=True, exist_ok=True)
+    accelerator.wait_for_everyone()
+    checkpoint.check_shared(accelerator, out)
     state = run.fresh_state(cfg)
     # The newest readable checkpoint (unreadable ones are named and skipped); another run's is refused.
     resumed_from, saved = checkpoint.resume(accelerator, out, say, accept=lambda s: run.resume_state(s, cfg, say))
+    checkpoint.agree_on_resume(accelerator, resumed_from)  # every process from the same one, or all from none
     if resumed_from is not None:
         state = saved
         bad.load_state_dict(state["bad"])
@@ -122,11 +132,8 @@ def train(cfg: Config, on_cpu: bool = False) -> int:
             accelerator.end_training()
             return 0
         say(f"resumed from {resumed_from} at step {state['step']}")
-    elif accelerator.is_main_process:
-        out.mkdir(parents=True, exist_ok=True)
     if accelerator.is_main_process:
-        checkpoint.check_disk(out, sum(p.numel() for p in model.parameters()), cfg.save_total_limit, say,
-                              trained=sum(p.numel() for p in model.parameters() if p.requires_grad))
+        checkpoint.check_disk(out, n_params, cfg.save_total_limit, say, trained=n_trained)
         (out / "config.yaml").write_text(dump_yaml(cfg), encoding="utf-8")
     accelerator.wait_for_everyone()
 
@@ -281,9 +288,11 @@ def train(cfg: Config, on_cpu: bool = False) -> int:
         accelerator.load_state(str(out / f"checkpoint-{state['best_step']}"))
         say(f"best {cfg.metric_for_best_model} {state['best_metric']:.2f} was at step {state['best_step']}; "
             "exporting that model")
+    # FSDP and ZeRO-3 shard the weights: gather them whole, on every process (LoRA is refused with both)
+    full = accelerator.get_state_dict(model) if sharding.is_sharded(accelerator) else None
     if accelerator.is_main_process:
         # LoRA merged into the base: a plain Whisper folder (the adapter beside it with lora_save_adapter)
-        checkpoint.export_model(trainable.exportable(accelerator.unwrap_model(model), cfg, out), processor, out)
+        checkpoint.export_model(trainable.exportable(accelerator.unwrap_model(model), cfg, out), processor, out, full)
         worse = run.finish(cfg, lang, state, bad, out, say)
         log.log(final_step, {"bad_samples_by_reason": dict(bad.counts), "bad_samples": bad.total,
                              "samples_seen": state["samples_seen"], "worse_than_base": worse is not None,

@@ -93,14 +93,62 @@ def prune(root: Path, limit: int, keep: set[Path]) -> list[Path]:
     return removed
 
 
-def export_model(unwrapped_model, processor, out_dir: Path) -> None:
-    """A standalone model folder: save_pretrained keeps tied weights loadable (DESIGN pitfall 10)."""
+def export_model(unwrapped_model, processor, out_dir: Path, state_dict: dict | None = None) -> None:
+    """A standalone model folder: save_pretrained keeps tied weights loadable (DESIGN pitfall 10).
+
+    state_dict is the whole model gathered by accelerator.get_state_dict (FSDP and ZeRO-3 shard the
+    weights, so the unwrapped model's own parameters are only this process's pieces).
+    """
     out_dir.mkdir(parents=True, exist_ok=True)
-    unwrapped_model.save_pretrained(out_dir, safe_serialization=True)
+    unwrapped_model.save_pretrained(out_dir, safe_serialization=True, state_dict=state_dict)
     processor.save_pretrained(out_dir)
     # transformers 5 keeps the feature extractor's settings inside processor_config.json; older transformers,
     # faster-whisper's converter and other tools read preprocessor_config.json. Write both.
     processor.feature_extractor.save_pretrained(out_dir)
+
+
+def check_shared(accelerator, root: Path, wait_s: float = 10.0) -> None:
+    """Every process must see checkpoint_dir as the main process writes it.
+
+    Checkpoints, the config dump and the final model are written once, by the main process, and every
+    process reads the checkpoint it resumes from; with several machines checkpoint_dir must therefore
+    be one shared folder (NFS, a cluster filesystem). A node-local folder would leave the other machines
+    without the checkpoint and resuming from nothing, so it is refused here, before any training.
+    """
+    import time
+    import uuid
+
+    import torch
+    from accelerate.utils import broadcast_object_list
+
+    if accelerator.num_processes == 1:
+        return
+    marker = root / f".shared-check-{broadcast_object_list([uuid.uuid4().hex])[0]}"
+    if accelerator.is_main_process:
+        _write_synced(marker, "written by the main process; removed once every process has seen it")
+    accelerator.wait_for_everyone()
+    deadline = time.monotonic() + wait_s  # a network filesystem may show a new file after a short delay
+    while not marker.is_file() and time.monotonic() < deadline:
+        time.sleep(0.5)
+    seen = int(accelerator.reduce(torch.tensor(int(marker.is_file()), device=accelerator.device), "sum"))
+    if accelerator.is_main_process:
+        marker.unlink()
+    if seen < accelerator.num_processes:
+        raise CheckpointError(f"checkpoint_dir {root} is not shared: {accelerator.num_processes - seen} of "
+                              f"{accelerator.num_processes} processes cannot see what the main process writes there. "
+                              "With several machines, put checkpoint_dir on a filesystem every machine mounts at the "
+                              "same path.")
+
+
+def agree_on_resume(accelerator, found: Path | None) -> None:
+    """All processes must resume from the same checkpoint (or all start fresh), else they would diverge."""
+    import torch
+
+    step = torch.tensor(step_of(found) if found is not None else -1, device=accelerator.device)
+    low, high = int(accelerator.reduce(-step, "max")), int(accelerator.reduce(step, "max"))
+    if -low != high:
+        raise CheckpointError(f"the processes found different checkpoints to resume from (steps {-low} to {high}; "
+                              "-1 is none) in checkpoint_dir; is it one folder shared by every machine?")
 
 
 @contextlib.contextmanager

@@ -220,7 +220,9 @@ def load_config(argv: list[str] | None = None, env: dict[str, str] | None = None
     problems += [p for p in validate(cfg) if not (p.startswith("push_to_hub needs") and any(
         "placeholder" in q for q in problems))]
     if training:
+        from whisper_ft.sharding import launch_problems
         problems += environment_problems(cfg, env)
+        problems += launch_problems(cfg, env)  # FSDP/DeepSpeed, as chosen by `accelerate launch`
     if problems:
         raise ConfigError(problems)
     return cfg

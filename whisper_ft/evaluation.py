@@ -58,33 +58,44 @@ def evaluate(model, loader, tokenizer, accelerator, *, generate_kwargs: dict[str
     deduplicated by sample id, so the count is exact for any number of processes (DESIGN pitfall 6).
     With generate_kwargs None only the loss is computed.
     """
+    from whisper_ft import sharding
+
     was_training = model.training
     model.eval()
     unwrapped = accelerator.unwrap_model(model)
     shift_right = decoder_inputs(unwrapped.config)
     rows, bad, loss_sum, tokens = [], [], 0.0, 0
-    for batch in loader:
+    batches: Any = loader
+    if sharded := sharding.is_sharded(accelerator):  # FSDP, ZeRO-3: every forward needs every process
+        placeholder = sharding.placeholder_batch(unwrapped.config, accelerator.device)
+        batches = _in_step(loader, accelerator, placeholder)
+        if generate_kwargs is not None:  # config validation refuses this combination (sharding.launch_problems)
+            raise RuntimeError("generation with FSDP or DeepSpeed ZeRO-3 sharded weights is not supported")
+        local_stop = should_stop
+        should_stop = lambda: bool(accelerator.reduce(torch.tensor(int(local_stop()), device=accelerator.device), "max"))
+    for batch in batches:
         if should_stop():
             break
         bad += batch["bad"]
-        if not batch["ids"]:
-            continue
+        if not batch["ids"]:  # all its samples were bad
+            if not sharded:
+                continue
+            batch = placeholder
         features = batch["input_features"].to(accelerator.device, non_blocking=True)
         labels = batch["labels"].to(accelerator.device, non_blocking=True)
-        with accelerator.autocast():
+        with sharding.fsdp1_root_weights(accelerator, model), accelerator.autocast():
             logits = unwrapped(input_features=features, decoder_input_ids=shift_right(labels)).logits
+            generated = None if generate_kwargs is None else unwrapped.generate(
+                input_features=features, **generate_kwargs,
+                attention_mask=torch.ones(features.shape[::2], dtype=torch.long, device=features.device))
+        if not batch["ids"]:  # a placeholder (sharded modes): it only kept this process in step
+            continue
         loss_sum += token_loss_sum(logits, labels).item()
         tokens += int((labels != IGNORE_INDEX).sum())
         references = tokenizer.batch_decode(labels.masked_fill(labels == IGNORE_INDEX, tokenizer.eos_token_id),
                                             skip_special_tokens=True)
-        if generate_kwargs is not None:
-            with accelerator.autocast():
-                generated = unwrapped.generate(input_features=features, **generate_kwargs,
-                                               attention_mask=torch.ones(features.shape[::2], dtype=torch.long,
-                                                                         device=features.device))
-            predictions = tokenizer.batch_decode(generated, skip_special_tokens=True)
-        else:
-            predictions = [""] * len(references)
+        predictions = [""] * len(references) if generated is None else \
+            tokenizer.batch_decode(generated, skip_special_tokens=True)
         rows += [{"id": i, "reference": r.strip(), "prediction": p.strip()}
                  for i, r, p in zip(batch["ids"], references, predictions)]
     model.train(was_training)
@@ -105,3 +116,12 @@ def evaluate(model, loader, tokenizer, accelerator, *, generate_kwargs: dict[str
     else:
         metrics["eval_samples"] = len(rows)
     return metrics, rows, all_bad
+
+
+def _in_step(loader, accelerator, placeholder):
+    """The loader's batches, then placeholders until the process with the most batches is done."""
+    n = torch.tensor(len(loader), device=accelerator.device)
+    most = int(accelerator.reduce(n, "max"))
+    yield from loader
+    for _ in range(most - len(loader)):
+        yield placeholder

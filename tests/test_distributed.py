@@ -1,0 +1,169 @@
+"""Several machines, on CPU: two torchrun "machines" on localhost (gloo) against one process; and the
+FSDP/DeepSpeed combinations that are refused before anything starts (neither runs on CPU: see README)."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+from conftest import ROOT, base_config, metrics, run_train
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_two_machines(cfgs: list[dict], tmp, *args: str, timeout: int = 300) -> list[tuple[int, str]]:
+    """torchrun --nnodes 2 --nproc_per_node 1, one launcher per "machine", both started at once.
+
+    cfgs holds one config per machine (the same one twice, except where a test gives each its own).
+    """
+    port = free_port()
+    env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    procs = []
+    for rank, cfg in enumerate(cfgs):
+        path = tmp / f"machine{rank}-{abs(hash(json.dumps(cfg, sort_keys=True))) % 10**8}.yaml"
+        path.write_text(yaml.safe_dump(cfg), encoding="utf-8")
+        procs.append(subprocess.Popen(
+            [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc_per_node", "1",
+             "--node_rank", str(rank), "--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{port}",
+             str(ROOT / "train_loop.py"), "--config", str(path), *args],
+            cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True))
+    results = []
+    for proc in procs:
+        try:
+            results.append((proc.wait(timeout=timeout), proc.stderr.read()))
+        except subprocess.TimeoutExpired:
+            for p in procs:
+                p.kill()
+            raise
+    return results
+
+
+def train_rows(out):
+    return [(r["step"], r["loss"], r["lr"]) for r in metrics(out) if "loss" in r]
+
+
+def test_two_machines_stop_resume_and_match_one_machine_bit_for_bit(tiny_model, tmp_path):
+    """2 machines x 1 process x batch 1 == 1 process x batch 1 x accumulation 2, exactly.
+
+    With batch 1 the machines' micro-batches are the single process's micro-batches (the sampler deals
+    sample 2k to rank 0 and 2k+1 to rank 1; one process takes them in that order), padding included. Each
+    machine's gradient is 2x the single process's (the loss is scaled by world x accumulation / step
+    tokens, and backward divides by accumulation): scaling by 2 is exact in floating point, and the
+    all-reduce of two addends then halving gives the same bits as accumulating the two micro-batches.
+    With batch > 1 the same samples fall into different micro-batches (other padding, other summation
+    order), and only agreement to float rounding would hold.
+    """
+    cfg = dict(per_device_train_batch_size=1, max_steps=4, save_steps=2, eval_steps=2, max_eval_samples=3,
+               save_total_limit=0)
+    two, one = tmp_path / "two", tmp_path / "one"
+    first = run_two_machines([base_config(tiny_model, two, **cfg)] * 2, tmp_path, "--stop-at-step", "2")
+    assert [rc for rc, _ in first] == [0, 0], "\n".join(err[-3000:] for _, err in first)
+    assert "stop_at_step 2 reached" in "".join(err for _, err in first)
+    saved = sorted(p.name for p in (two / "checkpoint-2").iterdir())
+    assert "random_states_0.pkl" in saved and "random_states_1.pkl" in saved  # each machine's RNG, one folder
+    assert not (two / "model.safetensors").exists()
+    second = run_two_machines([base_config(tiny_model, two, **cfg)] * 2, tmp_path)
+    assert [rc for rc, _ in second] == [0, 0], "\n".join(err[-3000:] for _, err in second)
+    assert sum("resumed from" in err for _, err in second) == 1  # said once, by the main process
+    assert sorted(p.name for p in two.iterdir() if p.name.startswith(("checkpoint-", ".shared"))) == \
+        ["checkpoint-2", "checkpoint-4"]  # no half-written or duplicate folders, no leftover marker
+
+    proc = run_train(base_config(tiny_model, one, **cfg, gradient_accumulation_steps=2), tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert [r[0] for r in train_rows(two)] == [1, 2, 3, 4]  # one line per step: metrics written once
+    assert train_rows(two) == train_rows(one)
+    a, b = load_file(two / "model.safetensors"), load_file(one / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    # Evaluation splits the 3 samples 2 + 1 over the machines but batches all 3 together in one process:
+    # the same numbers up to float rounding of differently batched matrix products.
+    evals = [(r["step"], r["eval_samples"], r["eval_loss"]) for r in metrics(two) if "eval_loss" in r]
+    evals1 = [(r["step"], r["eval_samples"], r["eval_loss"]) for r in metrics(one) if "eval_loss" in r]
+    assert [e[:2] for e in evals] == [e[:2] for e in evals1] == [(2, 3), (4, 3)]
+    assert [e[2] for e in evals] == pytest.approx([e[2] for e in evals1], rel=1e-5)
+
+    from transformers import WhisperForConditionalGeneration
+    model, info = WhisperForConditionalGeneration.from_pretrained(two, output_loading_info=True)
+    assert info["missing_keys"] in ([], set()) and info["unexpected_keys"] in ([], set())
+
+
+def test_a_checkpoint_dir_not_shared_by_the_machines_is_refused(tiny_model, tmp_path):
+    """Each machine pointed at its own folder (as with a node-local disk): one clear error, no training."""
+    results = run_two_machines([base_config(tiny_model, tmp_path / f"local{r}", max_steps=2) for r in (0, 1)],
+                               tmp_path)
+    assert [rc for rc, _ in results] != [0, 0]
+    errors = "".join(err for _, err in results)
+    assert "is not shared: 1 of 2 processes cannot see" in errors
+    assert not any((tmp_path / f"local{r}" / "checkpoint-2").exists() for r in (0, 1))
+
+
+def problems(tmp_path, env: dict, **overrides) -> str:
+    from whisper_ft.config import ConfigError, load_config
+
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump({"lang": "en", "whisper_pretrained": "x", "hf_token": "-", **overrides}))
+    with pytest.raises(ConfigError) as e:
+        load_config(["--config", str(path)], env=env, training=True)
+    return str(e.value)
+
+
+def test_fsdp_on_cpu_is_refused_not_silently_turned_into_data_parallelism(tmp_path):
+    message = problems(tmp_path, {"ACCELERATE_USE_FSDP": "true", "ACCELERATE_USE_CPU": "true",
+                                  "FSDP_ACTIVATION_CHECKPOINTING": "true"}, gradient_checkpointing=True,
+                       predict_with_generate=True, eval_strategy="steps")
+    assert "FSDP needs CUDA GPUs" in message
+    assert "both checkpoint activations" in message
+    assert "predict_with_generate is not supported with FSDP" in message
+
+
+def test_deepspeed_problems_are_reported_together(tmp_path):
+    ds = tmp_path / "ds.json"
+    ds.write_text(json.dumps({"optimizer": {"type": "AdamW"}, "scheduler": {"type": "WarmupLR"},
+                              "train_micro_batch_size_per_gpu": 8, "gradient_accumulation_steps": "auto"}))
+    ds.write_text(json.dumps({**json.loads(ds.read_text()), "zero_optimization": {"stage": 3}}))
+    message = problems(tmp_path, {"ACCELERATE_USE_DEEPSPEED": "true", "ACCELERATE_DEEPSPEED_CONFIG_FILE": str(ds),
+                                  "ACCELERATE_GRADIENT_ACCUMULATION_STEPS": "4"},
+                       per_device_train_batch_size=2, gradient_accumulation_steps=1, predict_with_generate=True)
+    import importlib.util
+    assert ("pip install deepspeed" in message) == (importlib.util.find_spec("deepspeed") is None)
+    assert "'optimizer' section" in message and "'scheduler' section" in message
+    assert "train_micro_batch_size_per_gpu 8, the whisper-ft config 2" in message
+    assert "gradient_accumulation_steps 4 but the whisper-ft config 1" in message
+    assert "predict_with_generate is not supported with DeepSpeed ZeRO-3" in message
+
+
+def test_fsdp2_sharded_model_evaluates_and_exports_like_the_plain_one(tiny_model, tmp_path):
+    """Evaluation on uneven shards (placeholder batches) and the gathered export, under FSDP2 on CPU.
+
+    accelerate runs FSDP only on GPUs; the worker shards with torch's fully_shard as accelerate does, then
+    calls whisper-ft's own evaluate() and export. 5 samples on 2 processes are 2 batches on one and 1 on the
+    other: without the placeholder the second process would stop joining the weight gathers and both hang.
+    """
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
+         str(ROOT / "tests" / "workers" / "fsdp2_eval_export.py"), str(tiny_model), str(tmp_path)],
+        cwd=ROOT, capture_output=True, text=True, timeout=300,
+        env={**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads((tmp_path / "result.json").read_text())
+    assert result["type"].startswith("FSDP")  # it really was sharded
+    (plain, plain_rows), (sharded, rows) = result["plain"], result["sharded"]
+    assert rows == plain_rows and len(rows) == 5  # each sample once
+    assert sharded["eval_samples"] == 5 and sharded["eval_loss"] == pytest.approx(plain["eval_loss"], rel=1e-6)
+
+    from transformers import WhisperForConditionalGeneration
+    exported, info = WhisperForConditionalGeneration.from_pretrained(tmp_path / "model", output_loading_info=True)
+    assert info["missing_keys"] in ([], set()) and info["unexpected_keys"] in ([], set())
+    assert exported.config.architectures == ["WhisperForConditionalGeneration"]
+    original = WhisperForConditionalGeneration.from_pretrained(tiny_model).state_dict()
+    assert exported.state_dict().keys() == original.keys()
+    assert all(torch.equal(v, original[k]) for k, v in exported.state_dict().items())
