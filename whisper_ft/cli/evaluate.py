@@ -187,7 +187,7 @@ def run_long_form(cfg, args, model_ref: str, label: str, say) -> int:
            f"{report['segments_outside_audio']} outside the audio")
         + f"; {report['segments_without_leading_space']} starting without a space")
     say(f"wrote {out / 'long_form.json'}")
-    return EXIT_OK
+    return 0
 
 
 def choose_model(arg: str, cfg) -> tuple[str, str]:
