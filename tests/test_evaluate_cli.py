@@ -1,4 +1,4 @@
-"""python -m whisper_ft.evaluate: the same numbers as the training run's own evaluations, per-sample rows,
+"""python -m whisper_ft.cli.evaluate: the same numbers as the training run's own evaluations, per-sample rows,
 any model (base, checkpoint, final), any split, one or two processes, clear errors."""
 
 from __future__ import annotations
@@ -31,14 +31,14 @@ def trained(tiny_model, tmp_path_factory):
 
 
 def evaluate(config: Path, *args: str, launcher: list[str] | None = None) -> subprocess.CompletedProcess:
-    cmd = (launcher or [sys.executable]) + ["-m", "whisper_ft.evaluate", "--config", str(config), *args]
+    cmd = (launcher or [sys.executable]) + ["-m", "whisper_ft.cli.evaluate", "--config", str(config), *args]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "true"}
     return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)
 
 
 def evaluate_here(config: Path, *args: str, capsys=None) -> tuple[int, str]:
     """The same command in this process (no interpreter start-up): (exit code, stderr)."""
-    from whisper_ft.evaluate import main
+    from whisper_ft.cli.evaluate import main
 
     code = main(["--config", str(config), *args])
     return code, capsys.readouterr().err if capsys else ""

@@ -1,4 +1,4 @@
-"""python -m whisper_ft.export: a CTranslate2 model that faster-whisper can load and that transcribes the
+"""python -m whisper_ft.cli.export: a CTranslate2 model that faster-whisper can load and that transcribes the
 committed clips exactly as the transformers model does (float32, greedy)."""
 
 from __future__ import annotations
@@ -21,8 +21,8 @@ NEW_TOKENS = 24
 
 
 def export(*args) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "whisper_ft.export", *map(str, args)], cwd=ROOT, capture_output=True,
-                          text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    return subprocess.run([sys.executable, "-m", "whisper_ft.cli.export", *map(str, args)], cwd=ROOT,
+                          capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
 
 
 @pytest.fixture(scope="module")
@@ -58,7 +58,7 @@ def test_exported_model_transcribes_like_transformers(exported):
     from tokenizers import Tokenizer
     from transformers import WhisperFeatureExtractor, WhisperForConditionalGeneration, WhisperProcessor
 
-    from whisper_ft.transcribe import load_audio
+    from whisper_ft.transcription import load_audio
 
     model, out, _ = exported
     audio = [load_audio(c) for c in CLIPS]
@@ -86,7 +86,7 @@ def test_exported_model_transcribes_like_transformers(exported):
 
 
 def test_existing_output_is_kept_unless_forced(exported, capsys):
-    from whisper_ft.export import main
+    from whisper_ft.cli.export import main
 
     model, out, _ = exported
     before = (out / "model.bin").stat().st_mtime_ns
@@ -97,7 +97,7 @@ def test_existing_output_is_kept_unless_forced(exported, capsys):
 
 def test_missing_ctranslate2_is_a_clear_message(tmp_path):
     code = ("import sys; sys.modules['ctranslate2'] = None\n"  # as if the optional extra were not installed
-            "from whisper_ft.export import main; sys.exit(main(sys.argv[1:]))")
+            "from whisper_ft.cli.export import main; sys.exit(main(sys.argv[1:]))")
     proc = subprocess.run([sys.executable, "-c", code, "--model", str(tmp_path), "--output-dir", str(tmp_path / "o")],
                           cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 1 and "pip install -r requirements-export.txt" in proc.stderr

@@ -94,7 +94,7 @@ def test_guide_config_trains_on_cpu_with_the_guides_long_flags(tiny_model, tmp_p
     for line in proc.stderr.splitlines():
         assert "\r" not in line or "training:" not in line, repr(line)
         assert not ("training:" in line and ("step 2:" in line or "saved " in line)), repr(line)
-    assert "step 2: loss" in proc.stderr and "generation_config" not in proc.stderr
+    assert "step 2: wer" in proc.stderr and "generation_config" not in proc.stderr
 
 
 @pytest.mark.parametrize("given,expected", [

@@ -28,8 +28,9 @@ LONG = DATA / "long" / "long_45s.mp3"
 def long_form(cfg: dict, tmp, model, source, *extra) -> tuple[subprocess.CompletedProcess, dict]:
     path, out = tmp / "lf.yaml", tmp / f"lf-{abs(hash((str(model), str(source), extra))) % 10**8}"
     path.write_text(yaml.safe_dump(cfg))
-    proc = subprocess.run([sys.executable, "-m", "whisper_ft.evaluate", "--config", str(path), "--model", str(model),
-                           "--long-form", str(source), "--output-dir", str(out), *extra], cwd=ROOT,
+    proc = subprocess.run([sys.executable, "-m", "whisper_ft.cli.evaluate", "--config", str(path),
+                           "--model", str(model), "--long-form", str(source), "--output-dir", str(out), *extra],
+                          cwd=ROOT,
                           capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert proc.returncode == 0, proc.stderr[-3000:]
     return proc, json.loads((out / "long_form.json").read_text())
@@ -112,7 +113,7 @@ def test_audio_without_transcript_is_a_clear_error(tiny_model, tmp_path):
     cfg = {"lang": "en", "whisper_pretrained": str(tiny_model), "checkpoint_dir": str(tmp_path / "run")}
     path = tmp_path / "c.yaml"
     path.write_text(yaml.safe_dump(cfg))
-    proc = subprocess.run([sys.executable, "-m", "whisper_ft.evaluate", "--config", str(path), "--long-form",
+    proc = subprocess.run([sys.executable, "-m", "whisper_ft.cli.evaluate", "--config", str(path), "--long-form",
                            str(tmp_path / "talk.mp3")], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 1 and "has no transcript talk.txt beside it" in proc.stderr
     assert "Traceback" not in proc.stderr

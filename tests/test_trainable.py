@@ -277,7 +277,7 @@ print("pipeline", type(asr(audio, generate_kwargs={{"max_new_tokens": 8}})["text
     assert "pipeline str" in done.stdout
 
     # the project's own tools, still without peft
-    evaluated = subprocess.run([sys.executable, "-m", "whisper_ft.evaluate", "--config", str(out / "config.yaml"),
+    evaluated = subprocess.run([sys.executable, "-m", "whisper_ft.cli.evaluate", "--config", str(out / "config.yaml"),
                                 "--model", str(out), "--split", "train", "--max-eval-samples", "16",
                                 "--generation-max-length", "8", "--output-dir", str(tmp_path / "eval")],
                                cwd=ROOT, capture_output=True, text=True, env=env, timeout=300)
@@ -285,14 +285,14 @@ print("pipeline", type(asr(audio, generate_kwargs={{"max_new_tokens": 8}})["text
     summary = json.loads((tmp_path / "eval" / "summary.json").read_text())
     assert summary["metrics"]["eval_samples"] == 16
     assert summary["metrics"]["eval_loss"] == pytest.approx(evals[1]["eval_loss"], rel=1e-4)  # the trained model
-    transcribed = subprocess.run([sys.executable, "-m", "whisper_ft.transcribe", "--model", str(out),
+    transcribed = subprocess.run([sys.executable, "-m", "whisper_ft.cli.transcribe", "--model", str(out),
                                   str(CV_EN / "clips" / "common_voice_en_000001.mp3"), "--output-dir",
                                   str(tmp_path / "tx"), "--device", "cpu"],
                                  cwd=ROOT, capture_output=True, text=True, env=env, timeout=300)
     assert transcribed.returncode == 0, transcribed.stderr[-3000:]
     assert (tmp_path / "tx" / "common_voice_en_000001.txt").read_text().strip()
     pytest.importorskip("ctranslate2")
-    exported_ct2 = subprocess.run([sys.executable, "-m", "whisper_ft.export", "--model", str(out), "--quantization",
+    exported_ct2 = subprocess.run([sys.executable, "-m", "whisper_ft.cli.export", "--model", str(out), "--quantization",
                                    "float32", "--output-dir", str(tmp_path / "ct2"), "--verify",
                                    str(CV_EN / "clips" / "common_voice_en_000001.mp3"), "--max-new-tokens", "16"],
                                   cwd=ROOT, capture_output=True, text=True, env=env, timeout=300)
@@ -338,19 +338,20 @@ def test_large_v3_layout_trains_evaluates_and_exports(tiny_large_v3, tmp_path):
 
     model = WhisperForConditionalGeneration.from_pretrained(out)
     assert model.config.num_mel_bins == WhisperProcessor.from_pretrained(out).feature_extractor.feature_size == 128
-    evaluated = subprocess.run([sys.executable, "-m", "whisper_ft.evaluate", "--config", str(out / "config.yaml"),
+    evaluated = subprocess.run([sys.executable, "-m", "whisper_ft.cli.evaluate", "--config", str(out / "config.yaml"),
                                 "--model", str(out), "--max-eval-samples", "4", "--output-dir", str(tmp_path / "e")],
                                cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert evaluated.returncode == 0, evaluated.stderr[-3000:]
     assert json.loads((tmp_path / "e" / "summary.json").read_text())["metrics"]["eval_samples"] == 4
-    transcribed = subprocess.run([sys.executable, "-m", "whisper_ft.transcribe", "--model", str(out), "--device", "cpu",
-                                  str(CV_EN / "clips" / "common_voice_en_000001.mp3"), "--output-dir", str(tmp_path / "t"),
-                                  "--format", "json"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    transcribed = subprocess.run([sys.executable, "-m", "whisper_ft.cli.transcribe", "--model", str(out),
+                                  "--device", "cpu", str(CV_EN / "clips" / "common_voice_en_000001.mp3"),
+                                  "--output-dir", str(tmp_path / "t"), "--format", "json"],
+                                 cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert transcribed.returncode == 0, transcribed.stderr[-3000:]
     assert (tmp_path / "t" / "common_voice_en_000001.json").is_file()
     pytest.importorskip("ctranslate2")
-    done = subprocess.run([sys.executable, "-m", "whisper_ft.export", "--model", str(out), "--quantization", "float32",
-                           "--output-dir", str(tmp_path / "ct2"), "--verify",
+    done = subprocess.run([sys.executable, "-m", "whisper_ft.cli.export", "--model", str(out),
+                           "--quantization", "float32", "--output-dir", str(tmp_path / "ct2"), "--verify",
                            str(CV_EN / "clips" / "common_voice_en_000001.mp3"), "--max-new-tokens", "8"],
                           cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]

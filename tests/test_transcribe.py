@@ -1,4 +1,4 @@
-"""python -m whisper_ft.transcribe: long audio whole (several 30-s windows), every output format
+"""python -m whisper_ft.cli.transcribe: long audio whole (several 30-s windows), every output format
 well-formed and consistent, batching that changes nothing, unreadable files reported, not fatal."""
 
 from __future__ import annotations
@@ -44,7 +44,7 @@ def model(tiny_model, tmp_path_factory) -> Path:
 
 
 def transcribe(*args) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "whisper_ft.transcribe", *map(str, args)], cwd=ROOT,
+    return subprocess.run([sys.executable, "-m", "whisper_ft.cli.transcribe", *map(str, args)], cwd=ROOT,
                           capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
 
 
@@ -70,7 +70,7 @@ def batch_of_two(model, tmp_path_factory):
     then, in a batch of its own, the long file's first 30 s (what a truncating transcriber would hear)."""
     import soundfile as sf
 
-    from whisper_ft.transcribe import load_audio
+    from whisper_ft.transcription import load_audio
 
     tmp = tmp_path_factory.mktemp("tr")
     cut = tmp / "first_30s.wav"
@@ -122,7 +122,7 @@ def test_every_format_says_the_same(batch_of_two, stem):
 
 def test_batching_changes_nothing(model, batch_of_two, tmp_path):
     """One file per batch gives the same segments as batches of mixed lengths (padding and masks are right)."""
-    from whisper_ft.transcribe import main
+    from whisper_ft.cli.transcribe import main
 
     _, together = batch_of_two
     alone = tmp_path / "alone"
@@ -139,7 +139,7 @@ def test_long_form_inputs_keep_every_frame():
     import numpy as np
     from transformers import WhisperFeatureExtractor
 
-    from whisper_ft.transcribe import long_form_inputs
+    from whisper_ft.transcription import long_form_inputs
 
     fe = WhisperFeatureExtractor(feature_size=80)
     long, short = np.zeros(45 * 16000 + 1200, np.float32), np.zeros(16000, np.float32)
@@ -150,7 +150,7 @@ def test_long_form_inputs_keep_every_frame():
 
 
 def test_language_comes_from_the_model_unless_overridden(model, tiny_model_en):
-    from whisper_ft.transcribe import TranscribeError, Transcriber, timestamp
+    from whisper_ft.transcription import TranscribeError, Transcriber, timestamp
 
     assert Transcriber(str(model)).describe() == {"language": "en", "task": "transcribe"}
     assert Transcriber(str(model), language="French", task="translate").describe() == {"language": "fr",

@@ -7,11 +7,13 @@ fixes their file in one go instead of one traceback at a time.
 from __future__ import annotations
 
 import argparse
+import copy
 import dataclasses
 import difflib
 import os
 import re
 import sys
+import typing
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
@@ -33,83 +35,93 @@ class ConfigError(Exception):
         super().__init__("\n".join(f"  - {p}" for p in problems))
 
 
+def setting(default: Any, help: str) -> Any:
+    """A Config field with its help text: the one source for --help, field_docs() and the README table.
+
+    A mutable default (eval_sets' {}) is copied for each Config, as dataclasses' default_factory does.
+    """
+    if isinstance(default, (dict, list, set)):
+        return dataclasses.field(default_factory=lambda: copy.deepcopy(default), metadata={"help": help})
+    return dataclasses.field(default=default, metadata={"help": help})
+
+
 @dataclass
 class Config:
     # --- what to fine-tune -------------------------------------------------------------------
-    lang: str = "as"  # language of the speech: ISO 639-1/2/3 code, Whisper name or Common Voice locale
-    task: str = "transcribe"  # transcribe (speech -> same-language text) or translate (-> English)
-    model_name: str = "whisper-small"  # Whisper size; names the run and derives whisper_pretrained
-    whisper_pretrained: str = ""  # Hub id or local folder of the starting model; default openai/<model_name>
-    model_cache: str = ""  # where Hub models are cached; empty = the Hugging Face default cache
+    lang: str = setting("as", "language of the speech: ISO 639-1/2/3 code, Whisper name or Common Voice locale")
+    task: str = setting("transcribe", "transcribe (speech -> same-language text) or translate (-> English)")
+    model_name: str = setting("whisper-small", "Whisper size; names the run and derives whisper_pretrained")
+    whisper_pretrained: str = setting("", "Hub id or local folder of the starting model; default openai/<model_name>")
+    model_cache: str = setting("", "where Hub models are cached; empty = the Hugging Face default cache")
     # --- data --------------------------------------------------------------------------------
-    dataset_name: str = "google/fleurs"  # Hub id, Common Voice folder, CSV/TSV/JSONL manifest, audiofolder, or .yaml mixture
-    dataset_config: str = ""  # Hub dataset config (subset); empty = derived from lang for known datasets
-    dataset_revision: str = ""  # Hub dataset revision; empty = refs/convert/parquet (the script-free copy) for google/fleurs
-    dataset_cache: str = ""  # where Hub datasets are cached; empty = the Hugging Face default cache
-    train_split: str = "train"  # split(s) to train on; "train+dev" joins splits
-    eval_split: str = "validation"  # split(s) to evaluate on ("dev" and "validation" are synonyms)
-    text_column: str = ""  # transcript column; empty = first of sentence/text/transcription/raw_transcription
-    audio_column: str = ""  # audio column; empty = first of audio/path/file
-    streaming: bool = False  # stream a Hub dataset instead of downloading it whole
-    max_train_samples: int = 0  # use at most this many training samples (0 = all); for quick trials
-    max_eval_samples: int = 0  # evaluate on at most this many samples (0 = all)
-    timestamp_probability: float = 0.2  # share of training samples trained with timestamps (keeps long-form working); 0 = none
-    max_bad_sample_fraction: float = 0.05  # stop when the unusable share is surely (99.99%, binomial test) above this
+    dataset_name: str = setting("google/fleurs", "Hub id, Common Voice folder, CSV/TSV/JSONL manifest, audiofolder, or .yaml mixture")
+    dataset_config: str = setting("", "Hub dataset config (subset); empty = derived from lang for known datasets")
+    dataset_revision: str = setting("", "Hub dataset revision; empty = refs/convert/parquet (the script-free copy) for google/fleurs")
+    dataset_cache: str = setting("", "where Hub datasets are cached; empty = the Hugging Face default cache")
+    train_split: str = setting("train", 'split(s) to train on; "train+dev" joins splits')
+    eval_split: str = setting("validation", 'split(s) to evaluate on ("dev" and "validation" are synonyms)')
+    text_column: str = setting("", "transcript column; empty = first of sentence/text/transcription/raw_transcription")
+    audio_column: str = setting("", "audio column; empty = first of audio/path/file")
+    streaming: bool = setting(False, "stream a Hub dataset instead of downloading it whole")
+    max_train_samples: int = setting(0, "use at most this many training samples (0 = all); for quick trials")
+    max_eval_samples: int = setting(0, "evaluate on at most this many samples (0 = all)")
+    timestamp_probability: float = setting(0.2, "share of training samples trained with timestamps (keeps long-form working); 0 = none")
+    max_bad_sample_fraction: float = setting(0.05, "stop when the unusable share is surely (99.99%, binomial test) above this")
     # --- output ------------------------------------------------------------------------------
-    checkpoint_name: str = ""  # run name; default <model_name>-<lang>
-    checkpoint_dir: str = ""  # where checkpoints, logs and the final model go; default ./checkpoints/<checkpoint_name>
+    checkpoint_name: str = setting("", "run name; default <model_name>-<lang>")
+    checkpoint_dir: str = setting("", "where checkpoints, logs and the final model go; default ./checkpoints/<checkpoint_name>")
     # --- optimisation ------------------------------------------------------------------------
-    per_device_train_batch_size: int = 16  # samples per GPU per micro-batch
-    gradient_accumulation_steps: int = 1  # micro-batches per optimizer step
-    learning_rate: float = 1e-5  # peak learning rate, reached after warmup_steps
-    lr_scheduler_type: str = "linear"  # linear (warmup then decay to 0), constant_with_warmup, cosine
-    warmup_steps: int = 500  # optimizer steps of linear warmup from 0
-    max_steps: int = 4000  # optimizer steps to train in total
-    stop_at_step: int = 0  # save and exit after this step, schedule unchanged (time-limited jobs); 0 = off
-    weight_decay: float = 0.0  # AdamW decay, never applied to biases and LayerNorm
-    max_grad_norm: float = 1.0  # clip gradients to this norm (0 = no clipping)
-    seed: int = 42  # seeds data order, dropout and initialisation
-    gradient_checkpointing: str = "true"  # recompute activations in backward: true (all layers), encoder (its 1500 frames hold most of the memory), false (fastest)
-    fp16: bool = True  # float16 mixed precision (ignored with a warning where there is no CUDA)
-    bf16: bool = False  # bfloat16 mixed precision (Ampere or newer; fp16 with a warning on older cards); not together with fp16
-    dataloader_num_workers: int = 2  # processes decoding audio and computing log-mel features
-    torch_compile: str = "auto"  # compile the model's forward (training) and decoder step (generation): auto = on with CUDA, true, false
-    max_nonfinite_steps: int = 10  # stop after this many optimizer steps in a row with NaN/inf loss
-    optim: str = "adamw_torch"  # adamw_torch, or adamw_8bit (bitsandbytes, CUDA only): 1/4 of the optimizer memory
+    per_device_train_batch_size: int = setting(16, "samples per GPU per micro-batch")
+    gradient_accumulation_steps: int = setting(1, "micro-batches per optimizer step")
+    learning_rate: float = setting(1e-5, "peak learning rate, reached after warmup_steps")
+    lr_scheduler_type: str = setting("linear", "linear (warmup then decay to 0), constant_with_warmup, cosine")
+    warmup_steps: int = setting(500, "optimizer steps of linear warmup from 0")
+    max_steps: int = setting(4000, "optimizer steps to train in total")
+    stop_at_step: int = setting(0, "save and exit after this step, schedule unchanged (time-limited jobs); 0 = off")
+    weight_decay: float = setting(0.0, "AdamW decay, never applied to biases and LayerNorm")
+    max_grad_norm: float = setting(1.0, "clip gradients to this norm (0 = no clipping)")
+    seed: int = setting(42, "seeds data order, dropout and initialisation")
+    gradient_checkpointing: str = setting("true", "recompute activations in backward: true (all layers), encoder (its 1500 frames hold most of the memory), false (fastest)")
+    fp16: bool = setting(True, "float16 mixed precision (ignored with a warning where there is no CUDA)")
+    bf16: bool = setting(False, "bfloat16 mixed precision (Ampere or newer; fp16 with a warning on older cards); not together with fp16")
+    dataloader_num_workers: int = setting(2, "processes decoding audio and computing log-mel features")
+    torch_compile: str = setting("auto", "compile the model's forward (training) and decoder step (generation): auto = on with CUDA, true, false")
+    max_nonfinite_steps: int = setting(10, "stop after this many optimizer steps in a row with NaN/inf loss")
+    optim: str = setting("adamw_torch", "adamw_torch, or adamw_8bit (bitsandbytes, CUDA only): 1/4 of the optimizer memory")
     # --- large models on small GPUs ----------------------------------------------------------
-    freeze_encoder: bool = False  # train the decoder only; with LoRA: adapters in the decoder only
-    lora_r: int = 0  # LoRA rank; 0 = off (full fine-tune). 8-32 trains 1-5% of the weights
-    lora_alpha: float = 0.0  # LoRA scale numerator (updates scaled by lora_alpha / lora_r); 0 = 2 x lora_r
-    lora_dropout: float = 0.05  # dropout on the LoRA branch's input
-    lora_target_modules: str = "q_proj,k_proj,v_proj,out_proj,fc1,fc2"  # Linear layers given adapters (list or comma-separated)
-    lora_save_adapter: bool = False  # also save the LoRA adapter alone in <checkpoint_dir>/adapter (peft format)
-    apply_spec_augment: bool = False  # SpecAugment: mask random time steps / mel bins of the input in training
-    mask_time_prob: float = 0.05  # SpecAugment: share of time steps masked (in spans of mask_time_length)
-    mask_time_length: int = 10  # SpecAugment: frames per time mask (10 ms each)
-    mask_feature_prob: float = 0.0  # SpecAugment: share of mel bins masked (in spans of mask_feature_length)
-    mask_feature_length: int = 10  # SpecAugment: mel bins per feature mask
+    freeze_encoder: bool = setting(False, "train the decoder only; with LoRA: adapters in the decoder only")
+    lora_r: int = setting(0, "LoRA rank; 0 = off (full fine-tune). 8-32 trains 1-5% of the weights")
+    lora_alpha: float = setting(0.0, "LoRA scale numerator (updates scaled by lora_alpha / lora_r); 0 = 2 x lora_r")
+    lora_dropout: float = setting(0.05, "dropout on the LoRA branch's input")
+    lora_target_modules: str = setting("q_proj,k_proj,v_proj,out_proj,fc1,fc2", "Linear layers given adapters (list or comma-separated)")
+    lora_save_adapter: bool = setting(False, "also save the LoRA adapter alone in <checkpoint_dir>/adapter (peft format)")
+    apply_spec_augment: bool = setting(False, "SpecAugment: mask random time steps / mel bins of the input in training")
+    mask_time_prob: float = setting(0.05, "SpecAugment: share of time steps masked (in spans of mask_time_length)")
+    mask_time_length: int = setting(10, "SpecAugment: frames per time mask (10 ms each)")
+    mask_feature_prob: float = setting(0.0, "SpecAugment: share of mel bins masked (in spans of mask_feature_length)")
+    mask_feature_length: int = setting(10, "SpecAugment: mel bins per feature mask")
     # --- evaluation --------------------------------------------------------------------------
-    eval_strategy: str = "steps"  # steps (every eval_steps) or no
-    eval_steps: int = 1000  # evaluate every this many optimizer steps
-    eval_at_start: bool = True  # evaluate the base model at step 0, so the improvement is known
-    per_device_eval_batch_size: int = 32  # samples per GPU per generate() call
-    predict_with_generate: bool = True  # WER/CER from generate(); off = eval loss only
-    generation_max_length: int = 225  # max tokens of a prediction, prefix included (at most 448)
-    eval_sets: dict = dataclasses.field(default_factory=dict)  # named evaluation sets {name: {dataset_name, split, ...}}; the first picks the best model; empty = eval_split
+    eval_strategy: str = setting("steps", "steps (every eval_steps) or no")
+    eval_steps: int = setting(1000, "evaluate every this many optimizer steps")
+    eval_at_start: bool = setting(True, "evaluate the base model at step 0, so the improvement is known")
+    per_device_eval_batch_size: int = setting(32, "samples per GPU per generate() call")
+    predict_with_generate: bool = setting(True, "WER/CER from generate(); off = eval loss only")
+    generation_max_length: int = setting(225, "max tokens of a prediction, prefix included (at most 448)")
+    eval_sets: dict = setting({}, "named evaluation sets {name: {dataset_name, split, ...}}; the first picks the best model; empty = eval_split")
     # --- checkpoints and logging -------------------------------------------------------------
-    save_steps: int = 1000  # save a checkpoint every this many optimizer steps
-    save_total_limit: int = 3  # keep at most this many checkpoints (the best is always kept; 0 = all)
-    logging_steps: int = 25  # log loss and lr every this many optimizer steps
-    report_to: str = "tensorboard"  # trackers: tensorboard, wandb, mlflow, ... (list or comma-separated) or none
-    load_best_model_at_end: bool = True  # export the best checkpoint by metric_for_best_model, not the last
-    metric_for_best_model: str = "wer"  # wer, cer, wer_ortho or loss
-    greater_is_better: bool = False  # whether a larger metric_for_best_model is better
+    save_steps: int = setting(1000, "save a checkpoint every this many optimizer steps")
+    save_total_limit: int = setting(3, "keep at most this many checkpoints (the best is always kept; 0 = all)")
+    logging_steps: int = setting(25, "log loss and lr every this many optimizer steps")
+    report_to: str = setting("tensorboard", "trackers: tensorboard, wandb, mlflow, ... (list or comma-separated) or none")
+    load_best_model_at_end: bool = setting(True, "export the best checkpoint by metric_for_best_model, not the last")
+    metric_for_best_model: str = setting("wer", "wer, cer, wer_ortho or loss")
+    greater_is_better: bool = setting(False, "whether a larger metric_for_best_model is better")
     # --- Hub ---------------------------------------------------------------------------------
-    push_to_hub: bool = False  # upload the final model folder (and nothing else) at the end
-    hub_model_id: str = ""  # Hub repo to upload to; default <your user>/<checkpoint_name>
-    hub_private: bool = False  # create the Hub repo as private
-    hf_token: str = ""  # Hub token; default $HF_TOKEN or the `hf auth login` cache. Never logged or saved
-    gpu_device: str = ""  # GPU id(s) to train on, or cpu; empty = CUDA if present (accelerate launch: --gpu_ids)
+    push_to_hub: bool = setting(False, "upload the final model folder (and nothing else) at the end")
+    hub_model_id: str = setting("", "Hub repo to upload to; default <your user>/<checkpoint_name>")
+    hub_private: bool = setting(False, "create the Hub repo as private")
+    hf_token: str = setting("", "Hub token; default $HF_TOKEN or the `hf auth login` cache. Never logged or saved")
+    gpu_device: str = setting("", "GPU id(s) to train on, or cpu; empty = CUDA if present (accelerate launch: --gpu_ids)")
 
     def __repr__(self) -> str:  # the token must never reach a log line
         return f"Config({', '.join(f'{k}={v!r}' for k, v in self.public_dict().items())})"
@@ -138,7 +150,8 @@ POSITIVE = ("per_device_train_batch_size", "per_device_eval_batch_size", "gradie
             "mask_time_length", "mask_feature_length")
 NON_NEGATIVE = ("stop_at_step", "warmup_steps", "weight_decay", "max_grad_norm", "max_train_samples", "max_eval_samples",
                 "save_total_limit", "dataloader_num_workers", "learning_rate", "lora_r", "lora_alpha")
-FIELD_TYPES = {f.name: f.type for f in fields(Config)}
+# The real types (this module's annotations are strings under `from __future__ import annotations`).
+FIELD_TYPES = {f.name: typing.get_type_hints(Config)[f.name] for f in fields(Config)}
 # Settings that were booleans and grew a third value: `true`/`false` (YAML, --x/--no-x) keep working.
 TRI_STATE = {"gradient_checkpointing": ("true", "false", "encoder"), "torch_compile": ("auto", "true", "false")}
 
@@ -152,13 +165,13 @@ def build_parser() -> argparse.ArgumentParser:
         flags = [SHORT_FLAGS[f.name]] if f.name in SHORT_FLAGS else []
         flags += [GUIDE_LONG_FLAGS[f.name]] if f.name in GUIDE_LONG_FLAGS else []
         flags.append("--" + f.name.replace("_", "-"))
-        comment = _comments().get(f.name, "").replace("%", "%%")  # argparse reads % as a format
+        comment = f.metadata["help"].replace("%", "%%")  # argparse reads % as a format
         if f.name in TRI_STATE:  # --x means true, --no-x false, --x VALUE any of its values
             p.add_argument(*flags, dest=f.name, nargs="?", const="true", metavar="|".join(TRI_STATE[f.name]),
                            help=comment)
             p.add_argument("--no-" + f.name.replace("_", "-"), dest=f.name, action="store_const", const="false",
                            help=argparse.SUPPRESS)
-        elif f.type == "bool":
+        elif FIELD_TYPES[f.name] is bool:
             p.add_argument(*flags, dest=f.name, action=argparse.BooleanOptionalAction, help=comment)
         elif f.name == "report_to":  # --report-to tensorboard wandb, or --report-to tensorboard,wandb
             p.add_argument(*flags, dest=f.name, nargs="+", metavar="TRACKER", help=comment)
@@ -234,7 +247,7 @@ def _coerce(key: str, raw: Any) -> Any:
     """Convert a YAML or command-line value to the field's type, or raise a ValueError naming the key."""
     kind = FIELD_TYPES[key]
     if raw is None:
-        return getattr(Config(), key) if kind != "str" or key in TRI_STATE or key == "report_to" else ""
+        return getattr(Config(), key) if kind is not str or key in TRI_STATE or key == "report_to" else ""
     if key in TRI_STATE:
         value = {"yes": "true", "1": "true", "no": "false", "0": "false"}.get(str(raw).lower(), str(raw).lower())
         if isinstance(raw, bool):
@@ -242,27 +255,27 @@ def _coerce(key: str, raw: Any) -> Any:
         if value not in TRI_STATE[key]:
             raise ValueError(f"{key} must be one of {', '.join(TRI_STATE[key])} (or true/false), not {raw!r}")
         return value
-    if kind == "bool":
+    if kind is bool:
         if isinstance(raw, bool):
             return raw
         if isinstance(raw, str) and raw.lower() in ("true", "yes", "1", "false", "no", "0"):
             return raw.lower() in ("true", "yes", "1")
         raise ValueError(f"{key} must be true or false, not {raw!r}")
-    if kind == "int":
+    if kind is int:
         if isinstance(raw, bool) or (isinstance(raw, float) and not raw.is_integer()):
             raise ValueError(f"{key} must be a whole number, not {raw!r}")
         try:
             return int(raw) if not isinstance(raw, str) else int(raw.strip())
         except ValueError:
             raise ValueError(f"{key} must be a whole number, not {raw!r}") from None
-    if kind == "float":
+    if kind is float:
         if isinstance(raw, bool):
             raise ValueError(f"{key} must be a number, not {raw!r}")
         try:  # YAML 1.1 reads 1e-5 (no dot) as a string: accept it
             return float(raw)
         except (TypeError, ValueError):
             raise ValueError(f"{key} must be a number, not {raw!r}") from None
-    if kind == "dict":
+    if kind is dict:
         return _eval_sets(key, raw)
     if isinstance(raw, bool):  # YAML 1.1 reads `no` (eval_strategy: no, lang: no for Norwegian) as false
         return "no" if raw is False else "yes"
@@ -492,24 +505,10 @@ def _unknown_flag(flag: str) -> str:
     return f"unknown option {name}{hint}"
 
 
-def _comments() -> dict[str, str]:
-    """The one-line comment beside each field in this file: the single source for --help and the README."""
-    import inspect
-    import re
-
-    out = {}
-    for line in inspect.getsource(Config).splitlines():
-        m = re.match(r"\s+(\w+): \w+ = .*?  # (.*)$", line)
-        if m:
-            out[m.group(1)] = m.group(2)
-    return out
-
-
 def field_docs() -> list[tuple[str, Any, str]]:
-    """(name, default, comment) for every setting, in declaration order."""
-    comments = _comments()
-    return [(f.name, f.default if f.default is not dataclasses.MISSING else f.default_factory(),
-             comments.get(f.name, "")) for f in fields(Config)]
+    """(name, default, help) for every setting, in declaration order."""
+    return [(f.name, f.default if f.default is not dataclasses.MISSING else f.default_factory(), f.metadata["help"])
+            for f in fields(Config)]
 
 
 def dump_yaml(cfg: Config) -> str:

@@ -115,7 +115,9 @@ def evaluate(model, loader, tokenizer, accelerator, *, generate_kwargs: dict[str
         metrics.update(error_rates([r["reference"] for r in rows], [r["prediction"] for r in rows]))
     else:
         metrics["eval_samples"] = len(rows)
-    return metrics, rows, all_bad
+    # by id, like rows: the order (and so the "first: ..." named in messages) must not depend on the
+    # number of processes or on the length order batches are evaluated in
+    return metrics, rows, sorted(all_bad, key=lambda b: b.id)
 
 
 def _in_step(loader, accelerator, placeholder):

@@ -213,9 +213,9 @@ print(asr(audio, return_timestamps=True)["text"])  # timestamps let it read audi
 
 (Passing a file name instead, `asr("audio.mp3")`, makes the pipeline decode it with FFmpeg, which must be installed.)
 
-With whisper-ft: `python -m whisper_ft.transcribe --model {model_id} recording.mp3 --format srt`
+With whisper-ft: `python -m whisper_ft.cli.transcribe --model {model_id} recording.mp3 --format srt`
 (long files whole, with segment times); for faster-whisper:
-`python -m whisper_ft.export --model {model_id} --quantization int8_float16`.
+`python -m whisper_ft.cli.export --model {model_id} --quantization int8_float16`.
 """
 
 

@@ -1,28 +1,26 @@
 """Long-form quality check: does the model still transcribe recordings longer than Whisper's 30-s window?
 
-    python -m whisper_ft.evaluate --config config.yaml --long-form DIR_OR_MANIFEST [--split test]
-    python -m whisper_ft.evaluate --config config.yaml --long-form talk.mp3     # with talk.txt beside it
+    python -m whisper_ft.cli.evaluate --config config.yaml --long-form DIR_OR_MANIFEST [--split test]
+    python -m whisper_ft.cli.evaluate --config config.yaml --long-form talk.mp3     # with talk.txt beside it
 
 Short-clip WER cannot see what long recordings depend on: timestamps (each 30-s window starts where
 the previous one's last timestamp ended) and the leading space that joins one segment to the next.
 Held-out clips of a data source (split --split, default eval_split) are joined, with short silences
 between them, into recordings of about --long-form-minutes; an audio file with its transcript in a
 .txt of the same name (or a folder of such pairs) is used as it is. Each recording is transcribed the
-way whisper_ft.transcribe does it, and the report gives the WER of the whole transcripts, the segment
+way whisper_ft.transcription does it, and the report gives the WER of the whole transcripts, the segment
 count, whether every segment lies inside its audio, and how many segments start without a space.
 """
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from whisper_ft.data import SAMPLE_RATE, DataError, clean_text, decode_audio
-from whisper_ft.exit_codes import Exit
-from whisper_ft.transcribe import AUDIO_SUFFIXES, generate_segments, joined_text
+from whisper_ft.transcription import AUDIO_SUFFIXES, generate_segments, joined_text
 
 GAP_SECONDS = 0.5  # silence between joined clips: a pause between sentences, not a gap Whisper would skip
 TOLERANCE = 0.02  # one timestamp step: a segment may end on the grid point just after the audio's end
@@ -128,49 +126,3 @@ def check(model, processor, recordings: list[dict[str, Any]], kwargs: dict[str, 
         "segments_without_leading_space": sum(r["segments_without_leading_space"] for r in rows),
         "per_recording": rows,
     }
-
-
-def run(cfg, args, model_ref: str, label: str, say) -> int:
-    """evaluate --long-form: build the recordings, transcribe them, write long_form.json and print the summary."""
-    import torch
-
-    from whisper_ft.data import Prepare
-    from whisper_ft.evaluate import default_output_dir, load_any
-    from whisper_ft.languages import resolve
-    from whisper_ft.model import is_multilingual
-    from whisper_ft.sources import load_records
-
-    lang = resolve(cfg.lang)
-    source = Path(args.long_form).expanduser()
-    processor, model = load_any(model_ref, cfg, lang)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dtype = torch.float16 if device.type == "cuda" and (cfg.fp16 or cfg.bf16) else torch.float32
-    model.to(device, dtype).eval()
-    split = args.split or cfg.eval_split
-    if is_recording_folder(source):
-        recordings, skipped, what = recordings_from_files(source), 0, str(source)
-    else:
-        records = load_records(args.long_form, split, lang=lang, text_column=cfg.text_column,
-                               audio_column=cfg.audio_column, dataset_config=cfg.dataset_config,
-                               revision=cfg.dataset_revision, cache_dir=cfg.dataset_cache, token=cfg.hf_token)
-        records = records[: cfg.max_eval_samples or None]
-        prepare = Prepare(processor.feature_extractor, processor.tokenizer)
-        recordings, skipped = join_clips(records, prepare, args.long_form_minutes)
-        what = f"{args.long_form} split {split!r}, clips joined into recordings of about {args.long_form_minutes} min"
-    if not recordings:
-        raise DataError(f"no usable audio in {args.long_form}" + (f" ({skipped} clips unusable)" if skipped else ""))
-    say(f"long-form check of {model_ref} ({label}) on {what}: {len(recordings)} recording(s)")
-    kwargs = {"language": model.generation_config.language, "task": model.generation_config.task} \
-        if is_multilingual(model) else {}
-    report = {"model": model_ref, "model_kind": label, "source": str(args.long_form), "language": lang.code,
-              "clips_skipped": skipped, **check(model, processor, recordings, kwargs, device, dtype)}
-    out = Path(args.output_dir) if args.output_dir else default_output_dir(cfg, model_ref, label, "long-form")
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "long_form.json").write_text(json.dumps(report, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
-    wer = "n/a" if report["long_form_wer"] is None else f"{report['long_form_wer']:.2f}"
-    say(f"long-form WER {wer} over {report['audio_seconds']:.0f} s; {report['segments']} segments, "
-        + ("all inside the audio" if report["segments_inside_audio"] else
-           f"{report['segments_outside_audio']} outside the audio")
-        + f"; {report['segments_without_leading_space']} starting without a space")
-    say(f"wrote {out / 'long_form.json'}")
-    return Exit.OK

@@ -16,6 +16,10 @@ from typing import Any
 def start_trackers(accelerator, config: dict[str, Any], resume_step: int | None) -> None:
     """Open report_to's trackers under <checkpoint_dir>/runs; a resumed run overwrites TensorBoard's later steps."""
     if accelerator.log_with:
+        # Trackers take scalars and strings as hyperparameters (TensorBoard's add_hparams raises on a
+        # dict): a structured setting such as eval_sets goes in as its JSON text.
+        config = {k: v if isinstance(v, (int, float, str, bool)) else json.dumps(v, ensure_ascii=False)
+                  for k, v in config.items()}
         accelerator.init_trackers("runs", config=config,
                                   init_kwargs={"tensorboard": {"purge_step": resume_step}} if resume_step else {})
 

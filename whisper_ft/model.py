@@ -1,9 +1,15 @@
-"""Load a Whisper checkpoint and make it speak one language: tokenizer prefix and generation config."""
+"""Load a Whisper checkpoint and make it speak one language: tokenizer prefix and generation config.
+
+Loads from a Hub id, a model folder, or a training run's checkpoint-<step>/ folder; every command reports
+a model that will not load with the same message (load_error).
+"""
 
 from __future__ import annotations
 
+import json
 import logging
 import re
+from pathlib import Path
 
 from transformers import WhisperForConditionalGeneration, WhisperProcessor
 
@@ -35,15 +41,71 @@ logging.getLogger("transformers.generation.utils").addFilter(_WhisperInternalKwa
 def load_whisper(pretrained: str, lang, task: str, *, cache_dir: str = "", token: str = "",
                  attn_implementation: str | None = None):
     """(processor, model) with language and task set in both places that matter (DESIGN pitfall 3)."""
-    try:
-        processor = WhisperProcessor.from_pretrained(pretrained, cache_dir=cache_dir or None, token=token or None)
-        extra = {"attn_implementation": attn_implementation} if attn_implementation else {}
-        model = WhisperForConditionalGeneration.from_pretrained(pretrained, cache_dir=cache_dir or None,
-                                                                token=token or None, **extra)
-    except (OSError, ValueError) as e:  # ValueError: a path that does not exist reads as a malformed Hub id
-        raise ModelError(f"could not load Whisper from {pretrained!r}: {str(e).splitlines()[0][:300]} "
-                         "(a Hub id like openai/whisper-small, or a folder with config.json and the weights)") from None
+    processor = from_pretrained(WhisperProcessor, pretrained, cache_dir=cache_dir or None, token=token or None)
+    extra = {"attn_implementation": attn_implementation} if attn_implementation else {}
+    model = from_pretrained(WhisperForConditionalGeneration, pretrained, cache_dir=cache_dir or None,
+                            token=token or None, **extra)
     configure_language(processor, model, lang, task)
+    return processor, model
+
+
+def from_pretrained(cls, ref: str, **kwargs):
+    """cls.from_pretrained(ref, **kwargs), or a ModelError that every command reports the same way."""
+    try:
+        return cls.from_pretrained(ref, **kwargs)
+    except (OSError, ValueError) as e:  # ValueError: a path that does not exist reads as a malformed Hub id
+        raise load_error(ref, (str(e).splitlines() or [type(e).__name__])[0][:300]) from None
+
+
+def load_error(ref: str, reason: str) -> ModelError:
+    """The one message for a Whisper that cannot be loaded from ref (a Hub id or a folder), and why."""
+    return ModelError(f"could not load Whisper from {ref!r}: {reason} "
+                      "(a Hub id like openai/whisper-small, or a folder with config.json and the weights)")
+
+
+def is_training_checkpoint(path: Path) -> bool:
+    """A checkpoint-<step>/ folder: accelerate's save_state, with no config.json beside the weights."""
+    return path.is_dir() and (path / "trainer_state.json").is_file() and not (path / "config.json").is_file()
+
+
+def load_any(ref: str, cfg, lang):
+    """(processor, model) with the config's language and task, from a model folder, Hub id or checkpoint."""
+    path = Path(ref)
+    if not path.exists() and (ref.startswith((".", "/", "~")) or ref.count("/") > 1):
+        # A path that is not there: say so, rather than let the Hub client reject it as a malformed repo id.
+        raise load_error(ref, "no such folder")
+    if not is_training_checkpoint(path):
+        return load_whisper(ref, lang, cfg.task, cache_dir=cfg.model_cache, token=cfg.hf_token)
+    return load_training_checkpoint(path, cfg, lang)
+
+
+def load_training_checkpoint(path: Path, cfg, lang):
+    """The architecture and processor of the run's base model, with the checkpoint's weights.
+
+    save_state writes the raw state dict, where safetensors dropped proj_out.weight (tied to the decoder
+    embeddings, DESIGN pitfall 10): load non-strictly, allow only tied keys to be missing, then re-tie.
+    """
+    import torch
+    from safetensors.torch import load_file
+
+    state = json.loads((path / "trainer_state.json").read_text(encoding="utf-8"))
+    base = state.get("config", {}).get("whisper_pretrained") or cfg.whisper_pretrained
+    weights = path / "model.safetensors"
+    if not weights.is_file():
+        raise ModelError(f"{path} has no model.safetensors (sharded FSDP/DeepSpeed state?); export a model folder "
+                         "from it first, or evaluate the run's final model folder")
+    processor, model = load_whisper(base, lang, cfg.task, cache_dir=cfg.model_cache, token=cfg.hf_token)
+    tensors = load_file(str(weights))
+    tensors = {re.sub(r"^(module\.|_orig_mod\.)+", "", k): v for k, v in tensors.items()}
+    result = model.load_state_dict(tensors, strict=False)
+    tied = {"proj_out.weight"}
+    missing = set(result.missing_keys) - tied
+    if missing or result.unexpected_keys:
+        raise ModelError(f"{weights} does not match the architecture of {base}: missing {sorted(missing)[:5]}, "
+                         f"unexpected {sorted(result.unexpected_keys)[:5]}")
+    model.tie_weights()
+    if not torch.equal(model.proj_out.weight, model.model.decoder.embed_tokens.weight):
+        raise ModelError(f"proj_out is not tied to the decoder embeddings after loading {weights}")
     return processor, model
 
 

@@ -45,7 +45,7 @@ def launch_problems(cfg, env: Mapping[str, str]) -> list[str]:
         # pass is a collective, and processes that disagree wait on each other for ever (seen with FSDP2).
         problems.append(f"predict_with_generate is not supported with {'FSDP' if fsdp else 'DeepSpeed ZeRO-3'} "
                         "(generation on sharded weights can hang); set predict_with_generate: false and "
-                        "metric_for_best_model: loss, and measure WER on the final model with whisper_ft.evaluate "
+                        "metric_for_best_model: loss, and measure WER on the final model with whisper_ft.cli.evaluate "
                         "(or train with DeepSpeed ZeRO-2 or plain data parallelism)")
     if ds and getattr(cfg, "optim", "adamw_torch") != "adamw_torch":
         problems.append(f"optim {cfg.optim} is not supported under DeepSpeed, which partitions the optimizer "

@@ -1,7 +1,7 @@
 """Evaluate any Whisper on the configured dataset: WER, CER, orthographic WER, and every prediction.
 
-    python -m whisper_ft.evaluate --config config.yaml [--model DIR_OR_HUB_ID] [--split test]
-    accelerate launch -m whisper_ft.evaluate --config config.yaml --model openai/whisper-small   # several GPUs
+    python -m whisper_ft.cli.evaluate --config config.yaml [--model DIR_OR_HUB_ID] [--split test]
+    accelerate launch -m whisper_ft.cli.evaluate --config config.yaml --model openai/whisper-small   # several GPUs
 
 --model is a model folder, a Hub id, or a checkpoint-<step>/ folder of a run (its training state).
 Without it: the final model in checkpoint_dir when the run has exported one, else the base model
@@ -15,13 +15,13 @@ Each sample is evaluated by exactly one process and counted once (whisper_ft.eva
 
 Long-form check (one process), before and after fine-tuning, of what short clips cannot show:
 
-    python -m whisper_ft.evaluate --config config.yaml --long-form DATA [--split test] [--long-form-minutes 3]
-    python -m whisper_ft.evaluate --config config.yaml --long-form talk.mp3 --model openai/whisper-small
+    python -m whisper_ft.cli.evaluate --config config.yaml --long-form DATA [--split test] [--long-form-minutes 3]
+    python -m whisper_ft.cli.evaluate --config config.yaml --long-form talk.mp3 --model openai/whisper-small
 
 DATA is a dataset (Common Voice folder, manifest, Hub id): its clips are joined, 0.5 s of silence apart,
 into recordings of about --long-form-minutes; an audio file with <name>.txt beside it (or a folder of
 such pairs) is used as it is. Each is transcribed with timestamps, window after window, as
-whisper_ft.transcribe does; long_form.json (default <checkpoint_dir>/eval/<model>-long-form/) holds the
+whisper_ft.cli.transcribe does; long_form.json (default <checkpoint_dir>/eval/<model>-long-form/) holds the
 WER of the whole transcripts, the segment count, whether every segment lies inside its audio and how
 many segments start without a space (glued sentences), with every segment per recording.
 """
@@ -44,7 +44,7 @@ from whisper_ft.exit_codes import Exit
 
 def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
     """Our own flags; everything else goes to the training config parser (which rejects unknown ones)."""
-    p = argparse.ArgumentParser(prog="python -m whisper_ft.evaluate", description=__doc__,
+    p = argparse.ArgumentParser(prog="python -m whisper_ft.cli.evaluate", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False)
     p.add_argument("--model", default="", help="model folder, Hub id or checkpoint-<step> folder (see above)")
     p.add_argument("--split", default="", help="split(s) to evaluate; default: eval_split of the config")
@@ -79,10 +79,8 @@ def main(argv: list[str] | None = None) -> int:
 
 def run(cfg, args) -> int:
     if args.long_form:
-        from whisper_ft import long_form
-
         model_ref, label = choose_model(args.model, cfg)
-        return long_form.run(cfg, args, model_ref, label, lambda m: print(m, file=sys.stderr, flush=True))
+        return run_long_form(cfg, args, model_ref, label, lambda m: print(m, file=sys.stderr, flush=True))
     from accelerate import Accelerator
     from accelerate.utils import DataLoaderConfiguration
 
@@ -94,7 +92,7 @@ def run(cfg, args) -> int:
     from whisper_ft.sources import load_records
     from whisper_ft.evaluation import evaluate
     from whisper_ft.languages import resolve
-    from whisper_ft.model import generate_kwargs
+    from whisper_ft.model import generate_kwargs, load_any
 
     accelerator = Accelerator(mixed_precision=mixed_precision(cfg),
                               dataloader_config=DataLoaderConfiguration(dispatch_batches=False, split_batches=False))
@@ -145,66 +143,64 @@ def run(cfg, args) -> int:
     return Exit.OK
 
 
+def run_long_form(cfg, args, model_ref: str, label: str, say) -> int:
+    """evaluate --long-form: build the recordings, transcribe them, write long_form.json and print the summary."""
+    import torch
+
+    from whisper_ft.data import DataError, Prepare
+    from whisper_ft.languages import resolve
+    from whisper_ft.long_form import check, is_recording_folder, join_clips, recordings_from_files
+    from whisper_ft.model import is_multilingual, load_any
+    from whisper_ft.sources import load_records
+
+    lang = resolve(cfg.lang)
+    source = Path(args.long_form).expanduser()
+    processor, model = load_any(model_ref, cfg, lang)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = torch.float16 if device.type == "cuda" and (cfg.fp16 or cfg.bf16) else torch.float32
+    model.to(device, dtype).eval()
+    split = args.split or cfg.eval_split
+    if is_recording_folder(source):
+        recordings, skipped, what = recordings_from_files(source), 0, str(source)
+    else:
+        records = load_records(args.long_form, split, lang=lang, text_column=cfg.text_column,
+                               audio_column=cfg.audio_column, dataset_config=cfg.dataset_config,
+                               revision=cfg.dataset_revision, cache_dir=cfg.dataset_cache, token=cfg.hf_token)
+        records = records[: cfg.max_eval_samples or None]
+        prepare = Prepare(processor.feature_extractor, processor.tokenizer)
+        recordings, skipped = join_clips(records, prepare, args.long_form_minutes)
+        what = f"{args.long_form} split {split!r}, clips joined into recordings of about {args.long_form_minutes} min"
+    if not recordings:
+        raise DataError(f"no usable audio in {args.long_form}" + (f" ({skipped} clips unusable)" if skipped else ""))
+    say(f"long-form check of {model_ref} ({label}) on {what}: {len(recordings)} recording(s)")
+    kwargs = {"language": model.generation_config.language, "task": model.generation_config.task} \
+        if is_multilingual(model) else {}
+    report = {"model": model_ref, "model_kind": label, "source": str(args.long_form), "language": lang.code,
+              "clips_skipped": skipped, **check(model, processor, recordings, kwargs, device, dtype)}
+    out = Path(args.output_dir) if args.output_dir else default_output_dir(cfg, model_ref, label, "long-form")
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "long_form.json").write_text(json.dumps(report, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
+    wer = "n/a" if report["long_form_wer"] is None else f"{report['long_form_wer']:.2f}"
+    say(f"long-form WER {wer} over {report['audio_seconds']:.0f} s; {report['segments']} segments, "
+        + ("all inside the audio" if report["segments_inside_audio"] else
+           f"{report['segments_outside_audio']} outside the audio")
+        + f"; {report['segments_without_leading_space']} starting without a space")
+    say(f"wrote {out / 'long_form.json'}")
+    return Exit.OK
+
+
 def choose_model(arg: str, cfg) -> tuple[str, str]:
     """(what to load, what it is): an explicit --model, else the run's final model, else the base model."""
     if arg:
         if arg == cfg.whisper_pretrained:
             return arg, "base"
+        from whisper_ft.model import is_training_checkpoint
+
         return arg, "checkpoint" if is_training_checkpoint(Path(arg)) else "model"
     final = Path(cfg.checkpoint_dir)
     if (final / "config.json").is_file():
         return str(final), "fine-tuned"
     return cfg.whisper_pretrained, "base"
-
-
-def is_training_checkpoint(path: Path) -> bool:
-    """A checkpoint-<step>/ folder: accelerate's save_state, with no config.json beside the weights."""
-    return path.is_dir() and (path / "trainer_state.json").is_file() and not (path / "config.json").is_file()
-
-
-def load_any(ref: str, cfg, lang):
-    """(processor, model) with the config's language and task, from a model folder, Hub id or checkpoint."""
-    from whisper_ft.model import ModelError, load_whisper
-
-    path = Path(ref)
-    if not path.exists() and (ref.startswith((".", "/", "~")) or ref.count("/") > 1):
-        # A path that is not there: say so, rather than let the Hub client reject it as a malformed repo id.
-        raise ModelError(f"could not load Whisper from {ref!r}: no such folder")
-    if not is_training_checkpoint(path):
-        return load_whisper(ref, lang, cfg.task, cache_dir=cfg.model_cache, token=cfg.hf_token)
-    return load_training_checkpoint(path, cfg, lang)
-
-
-def load_training_checkpoint(path: Path, cfg, lang):
-    """The architecture and processor of the run's base model, with the checkpoint's weights.
-
-    save_state writes the raw state dict, where safetensors dropped proj_out.weight (tied to the decoder
-    embeddings, DESIGN pitfall 10): load non-strictly, allow only tied keys to be missing, then re-tie.
-    """
-    import torch
-    from safetensors.torch import load_file
-
-    from whisper_ft.model import ModelError, load_whisper
-
-    state = json.loads((path / "trainer_state.json").read_text(encoding="utf-8"))
-    base = state.get("config", {}).get("whisper_pretrained") or cfg.whisper_pretrained
-    weights = path / "model.safetensors"
-    if not weights.is_file():
-        raise ModelError(f"{path} has no model.safetensors (sharded FSDP/DeepSpeed state?); export a model folder "
-                         "from it first, or evaluate the run's final model folder")
-    processor, model = load_whisper(base, lang, cfg.task, cache_dir=cfg.model_cache, token=cfg.hf_token)
-    tensors = load_file(str(weights))
-    tensors = {re.sub(r"^(module\.|_orig_mod\.)+", "", k): v for k, v in tensors.items()}
-    result = model.load_state_dict(tensors, strict=False)
-    tied = {"proj_out.weight"}
-    missing = set(result.missing_keys) - tied
-    if missing or result.unexpected_keys:
-        raise ModelError(f"{weights} does not match the architecture of {base}: missing {sorted(missing)[:5]}, "
-                         f"unexpected {sorted(result.unexpected_keys)[:5]}")
-    model.tie_weights()
-    if not torch.equal(model.proj_out.weight, model.model.decoder.embed_tokens.weight):
-        raise ModelError(f"proj_out is not tied to the decoder embeddings after loading {weights}")
-    return processor, model
 
 
 def default_output_dir(cfg, model_ref: str, label: str, split: str) -> Path:

@@ -1,8 +1,8 @@
 """Export a Whisper model folder for faster-whisper (CTranslate2), and check it transcribes the same.
 
     pip install -r requirements-export.txt          # ctranslate2, an optional extra
-    python -m whisper_ft.export --model checkpoints/whisper-small-as [--quantization int8_float16]
-                                [--output-dir DIR] [--verify clip1.mp3 clip2.wav ...]
+    python -m whisper_ft.cli.export --model checkpoints/whisper-small-as [--quantization int8_float16]
+                                    [--output-dir DIR] [--verify clip1.mp3 clip2.wav ...]
 
 The output folder holds model.bin, config.json and vocabulary.json from CTranslate2's converter, plus
 the two files faster-whisper reads beside them and that exports often miss: tokenizer.json (without
@@ -32,7 +32,7 @@ class ExportError(Exception):
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m whisper_ft.export", description=__doc__,
+    p = argparse.ArgumentParser(prog="python -m whisper_ft.cli.export", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", required=True, help="Whisper model folder (a run's checkpoint_dir) or Hub id")
     p.add_argument("--format", default="ctranslate2", choices=("ctranslate2",), help="export format")
@@ -72,13 +72,14 @@ def export_ctranslate2(model: str, out: Path, quantization: str, force: bool = F
         raise ExportError("the ctranslate2 package is not installed: pip install -r requirements-export.txt") from None
     from transformers import WhisperProcessor
 
+    from whisper_ft.model import ModelError, from_pretrained
+
     if out.exists() and not force:
         raise ExportError(f"{out} already exists; pass --force to replace it or choose --output-dir")
     try:
-        processor = WhisperProcessor.from_pretrained(model)
-    except (OSError, ValueError) as e:  # ValueError: a missing local path read as a malformed Hub id
-        raise ExportError(f"could not load a Whisper processor from {model!r}: "
-                          f"{str(e).splitlines()[0][:300]}") from None
+        processor = from_pretrained(WhisperProcessor, model)
+    except ModelError as e:
+        raise ExportError(str(e)) from None
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
@@ -114,7 +115,7 @@ def transcripts(model: str, exported: Path, files: list[Path], language: str = "
 
     from whisper_ft.languages import resolve
     from whisper_ft.model import is_multilingual
-    from whisper_ft.transcribe import load_audio
+    from whisper_ft.transcription import load_audio
 
     processor = WhisperProcessor.from_pretrained(model)
     hf = WhisperForConditionalGeneration.from_pretrained(model).eval()
