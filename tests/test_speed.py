@@ -32,12 +32,12 @@ def test_bucketed_labels_pad_to_the_next_bucket(longest, width):
 
 
 @pytest.mark.parametrize("args,yaml_text,expect", [
-    ([], "", ("true", "auto")),
+    ([], "lang: en\n", ("true", "auto")),  # an empty config file is an error (issue 9): set something else
     ([], "gradient_checkpointing: false\ntorch_compile: true\n", ("false", "true")),
     ([], "gradient_checkpointing: encoder\ntorch_compile: no\n", ("encoder", "false")),
     (["--gradient-checkpointing"], "gradient_checkpointing: false\n", ("true", "auto")),
-    (["--no-gradient-checkpointing", "--no-torch-compile"], "", ("false", "false")),
-    (["--gradient-checkpointing", "encoder", "--torch-compile", "auto"], "", ("encoder", "auto")),
+    (["--no-gradient-checkpointing", "--no-torch-compile"], "lang: en\n", ("false", "false")),
+    (["--gradient-checkpointing", "encoder", "--torch-compile", "auto"], "lang: en\n", ("encoder", "auto")),
 ])
 def test_tri_state_settings_keep_the_boolean_forms(tmp_path, args, yaml_text, expect):
     path = tmp_path / "c.yaml"

@@ -99,14 +99,19 @@ class HubStream:
 
     def __init__(self, ds, audio_col: str, text_col: str):
         self.ds, self.audio_col, self.text_col = ds, audio_col, text_col
+        # Rows read in this epoch: part of each record's id (path#row), so a resumed stream must go on
+        # counting where it stopped; the id seeds timestamp_probability's draw (exact resume).
+        self.row, self._resume_row = 0, 0
 
     def shard(self, rank: int, world: int) -> "HubStream":
         from datasets.distributed import split_dataset_by_node  # each rank reads its own rows (pitfall 5)
         return HubStream(split_dataset_by_node(self.ds, rank=rank, world_size=world), self.audio_col, self.text_col)
 
     def __iter__(self):
-        for i, row in enumerate(self.ds):
-            yield _to_record(row, i, self.audio_col, self.text_col)
+        self.row, self._resume_row = self._resume_row, 0
+        for row in self.ds:
+            self.row += 1
+            yield _to_record(row, self.row - 1, self.audio_col, self.text_col)
 
     def take(self, n: int) -> "HubStream":
         """The first n rows only (max_train_samples)."""
@@ -117,10 +122,13 @@ class HubStream:
         self.ds.set_epoch(epoch)
 
     def state_dict(self) -> dict:
-        return self.ds.state_dict()
+        return {"dataset": self.ds.state_dict(), "row": self.row}
 
     def load_state_dict(self, state: dict) -> None:
-        self.ds.load_state_dict(state)
+        if "dataset" not in state:  # a checkpoint from before the row count: the dataset's state alone
+            state = {"dataset": state, "row": 0}
+        self.ds.load_state_dict(state["dataset"])
+        self._resume_row = state["row"]
 
 
 def _explain(name: str, config: str | None, split: str, e: Exception, have_token: bool) -> str:
