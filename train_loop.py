@@ -115,9 +115,11 @@ def make_accelerator(cfg: Config, on_cpu: bool):
         mixed_precision=mixed_precision(cfg, on_cpu),
         log_with=trackers(cfg) or None, project_dir=cfg.checkpoint_dir,  # report_to, through accelerate's trackers
         gradient_accumulation_steps=cfg.gradient_accumulation_steps,
-        # Each process reads its own shard; batches differ in shape, so nothing is dispatched (pitfall 5).
+        # Each process reads its own shard; batches differ in shape, so nothing is dispatched
+        # (DESIGN: dispatched batches).
         dataloader_config=DataLoaderConfiguration(dispatch_batches=False, split_batches=False),
-        step_scheduler_with_optimizer=False,  # the LR is a pure function of the step (pitfall 4)
+        # the LR is a pure function of the step (DESIGN: scheduler stepped per process)
+        step_scheduler_with_optimizer=False,
     )
 
 
@@ -277,7 +279,7 @@ def train_step(run: Run, inject_nan: bool) -> tuple[float, float, Any, int, int]
     set_lr(run.optimizer, lr)
     micro = [next(run.stream) for _ in range(micro_per_step)]
     # One all-reduce for what every process must agree on before the forward: label tokens of the
-    # whole optimizer step (the loss is normalised by them, pitfall 7), samples, audio, bad samples.
+    # whole optimizer step (the loss is normalised by them, DESIGN: loss normalisation), samples, audio, bad samples.
     step_tokens, samples, seconds, n_bad, n_seen = batches.step_totals(micro, accelerator)
     if n_bad:  # rare: collect the bad samples of all processes so every process counts the same
         for b in batches.gather_bad(micro):

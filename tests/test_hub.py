@@ -204,7 +204,8 @@ def test_default_repo_is_the_users(tiny_model, tmp_path):
 
 
 def test_a_checkpoint_folder_is_never_pushed(tmp_path):
-    """Raw training state (no config.json) is refused before anything reaches the network (pitfall 10)."""
+    """Raw training state (no config.json) is refused before anything reaches the network
+    (DESIGN: tied output projection)."""
     from whisper_ft import hub
     from whisper_ft.config import load_config
 

@@ -3,7 +3,7 @@
 A checkpoint is `checkpoint-<step>/`: accelerate's save_state (model, optimizer, scaler, RNG of
 every process) plus our `trainer_state.json` (step, best metric, data position, counters). It is
 written to `checkpoint-<step>.tmp/`, marked complete, then renamed, and only then are old ones
-pruned; so a kill at any moment leaves the previous checkpoint intact (DESIGN pitfall 11).
+pruned; so a kill at any moment leaves the previous checkpoint intact (DESIGN: checkpoint rotation).
 """
 
 from __future__ import annotations
@@ -96,7 +96,7 @@ def prune(root: Path, limit: int, keep: set[Path]) -> list[Path]:
 
 
 def export_model(unwrapped_model, processor, out_dir: Path, state_dict: dict | None = None) -> None:
-    """A standalone model folder: save_pretrained keeps tied weights loadable (DESIGN pitfall 10).
+    """A standalone model folder: save_pretrained keeps tied weights loadable (DESIGN: tied output projection).
 
     state_dict is the whole model gathered by accelerator.get_state_dict (FSDP and ZeRO-3 shard the
     weights, so the unwrapped model's own parameters are only this process's pieces).

@@ -12,7 +12,7 @@ from whisper_ft.data import Bad
 
 IGNORE_INDEX = -100  # positions the loss skips
 # Label widths a compiled model sees: each batch is padded up to the next one, so a compiled forward meets at
-# most these few shapes instead of one per transcript length (448 is Whisper's decoder length, pitfall 1).
+# most these few shapes instead of one per transcript length (448 is Whisper's decoder length, DESIGN: label length).
 # Powers of two: at most 2x the decoder's work, which is small beside the encoder's 1500 frames.
 LABEL_BUCKETS = (32, 64, 128, 256, 448)
 
@@ -30,7 +30,7 @@ class Collator:
             return batch
         batch["input_features"] = torch.from_numpy(np.stack([s["input_features"] for s in good]))
         # The tokenizer put <|startoftranscript|> first; the model adds it again when it shifts labels right,
-        # so strip it here (DESIGN pitfall 2: the check is on decoder_start_token_id, not bos_token_id).
+        # so strip it here (DESIGN: decoder start token: the check is on decoder_start_token_id, not bos_token_id).
         labels = [s["labels"][1:] if s["labels"][0] == self.decoder_start_token_id else s["labels"] for s in good]
         width = max(len(x) for x in labels)
         if self.bucket:

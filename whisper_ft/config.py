@@ -20,7 +20,7 @@ from typing import Any
 
 import yaml
 
-MAX_TARGET_POSITIONS = 448  # Whisper's decoder length, prefix tokens included (DESIGN pitfall 1)
+MAX_TARGET_POSITIONS = 448  # Whisper's decoder length, prefix tokens included (DESIGN: label length)
 METRICS = ("wer", "cer", "wer_ortho", "loss")  # what metric_for_best_model may name
 # What one entry of eval_sets may say; each missing key falls back to the run's own setting
 # (split to eval_split, the others to the key of the same name).

@@ -2,7 +2,7 @@
 
 Prepare turns one Record into log-mel features and label ids, or a Bad(reason) that the loop
 counts: a broken sample is skipped and reported, never silently swapped for another.
-Audio is decoded with soundfile and resampled with soxr, so no FFmpeg is needed (pitfall 14).
+Audio is decoded with soundfile and resampled with soxr, so no FFmpeg is needed (DESIGN: FFmpeg).
 """
 
 from __future__ import annotations

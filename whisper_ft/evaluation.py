@@ -18,8 +18,8 @@ def normalize(text: str) -> str:
     """Lowercase, drop punctuation and symbols, collapse spaces; keep combining marks.
 
     Whisper's BasicTextNormalizer removes combining marks, which splits Indic words apart and makes
-    WER look better than it is (DESIGN pitfall 8). Here only Unicode punctuation (P*) and symbols (S*)
-    go, so "মই ভাত খাওঁ।" -> "মই ভাত খাওঁ" and "Don't!" -> "don t".
+    WER look better than it is (DESIGN: normaliser strips combining marks). Here only Unicode
+    punctuation (P*) and symbols (S*) go, so "মই ভাত খাওঁ।" -> "মই ভাত খাওঁ" and "Don't!" -> "don t".
     """
     text = unicodedata.normalize("NFKC", text).lower()
     text = "".join(" " if unicodedata.category(c)[0] in "PS" else c for c in text)
@@ -55,7 +55,8 @@ def evaluate(model, loader, tokenizer, accelerator, *, generate_kwargs: dict[str
     """Metrics, per-sample rows (id, reference, prediction) and bad samples, each sample counted once.
 
     Every process evaluates its own shard (no padding, no duplicates), then rows are gathered and
-    deduplicated by sample id, so the count is exact for any number of processes (DESIGN pitfall 6).
+    deduplicated by sample id, so the count is exact for any number of processes
+    (DESIGN: duplicated evaluation samples).
     With generate_kwargs None only the loss is computed.
     """
     from whisper_ft import sharding

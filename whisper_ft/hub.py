@@ -23,7 +23,7 @@ import yaml
 from whisper_ft.config import eval_set_specs
 from whisper_ft.model import ModelError
 
-# What a model folder needs, and nothing of the training state beside it (DESIGN pitfall 12).
+# What a model folder needs, and nothing of the training state beside it (DESIGN: uploading the output folder).
 ALLOW = ["config.json", "generation_config.json", "model.safetensors", "model-*.safetensors",
          "model.safetensors.index.json", "preprocessor_config.json", "processor_config.json", "tokenizer.json",
          "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json", "vocab.json", "merges.txt",

@@ -104,7 +104,8 @@ class HubStream:
         self.row, self._resume_row = 0, 0
 
     def shard(self, rank: int, world: int) -> "HubStream":
-        from datasets.distributed import split_dataset_by_node  # each rank reads its own rows (pitfall 5)
+        # each rank reads its own rows (DESIGN: dispatched batches)
+        from datasets.distributed import split_dataset_by_node
         return HubStream(split_dataset_by_node(self.ds, rank=rank, world_size=world), self.audio_col, self.text_col)
 
     def __iter__(self):

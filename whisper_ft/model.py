@@ -40,7 +40,8 @@ logging.getLogger("transformers.generation.utils").addFilter(_WhisperInternalKwa
 
 def load_whisper(pretrained: str, lang, task: str, *, cache_dir: str = "", token: str = "",
                  attn_implementation: str | None = None):
-    """(processor, model) with language and task set in both places that matter (DESIGN pitfall 3)."""
+    """(processor, model) with language and task set in both places that matter
+    (DESIGN: language and task in two places)."""
     processor = from_pretrained(WhisperProcessor, pretrained, cache_dir=cache_dir or None, token=token or None)
     extra = {"attn_implementation": attn_implementation} if attn_implementation else {}
     model = from_pretrained(WhisperForConditionalGeneration, pretrained, cache_dir=cache_dir or None,
@@ -83,7 +84,7 @@ def load_training_checkpoint(path: Path, cfg, lang):
     """The architecture and processor of the run's base model, with the checkpoint's weights.
 
     save_state writes the raw state dict, where safetensors dropped proj_out.weight (tied to the decoder
-    embeddings, DESIGN pitfall 10): load non-strictly, allow only tied keys to be missing, then re-tie.
+    embeddings, DESIGN: tied output projection): load non-strictly, allow only tied keys to be missing, then re-tie.
     """
     import torch
     from safetensors.torch import load_file
@@ -133,7 +134,7 @@ def configure_language(processor, model, lang, task: str) -> None:
 
 
 def generate_kwargs(model, max_length: int) -> dict:
-    """Greedy decoding whose prefix + new tokens stay within max_length and Whisper's 448 (pitfall 1)."""
+    """Greedy decoding whose prefix + new tokens stay within max_length and Whisper's 448 (DESIGN: label length)."""
     kwargs = {"max_length": min(max_length, MAX_TARGET_POSITIONS)}  # counts the prefix, as in Seq2SeqTrainer
     if is_multilingual(model):
         kwargs.update(language=model.generation_config.language, task=model.generation_config.task)

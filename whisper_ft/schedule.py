@@ -1,6 +1,6 @@
 """Learning rate as a pure function of the optimizer step.
 
-Pure, so it holds no state to save, cannot drift between processes (DESIGN pitfall 4: a scheduler
+Pure, so it holds no state to save, cannot drift between processes (DESIGN: scheduler stepped per process: a scheduler
 stepped by every process shortens warmup by the number of GPUs) and is identical after a resume.
 """
 

@@ -161,7 +161,7 @@ def _with_problems(records: list[Record], problems: list[tuple[int, str]], sourc
 def _read_rows(path: Path) -> tuple[list[tuple[int, dict[str, Any]]], list[tuple[int, str]]]:
     """(line number, row) of every readable row, and (line number, why) of every line that is not.
 
-    TSVs are read with quoting off: Common Voice sentences hold unbalanced quotes (DESIGN §3). A line
+    TSVs are read with quoting off: Common Voice sentences hold unbalanced quotes. A line
     with a different number of fields than the header, or bytes that are not UTF-8, is a problem line.
     """
     raw = path.read_bytes()

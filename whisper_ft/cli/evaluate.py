@@ -221,7 +221,8 @@ def write_outputs(out: Path, rows: list[dict[str, Any]], summary: dict[str, Any]
     with open(out / "predictions.jsonl", "w", encoding="utf-8") as f:
         for row in rows:
             ref, pred = normalize(row["reference"]), normalize(row["prediction"])
-            # Per-sample WER makes the worst samples easy to find; empty references have none (pitfall 8).
+            # Per-sample WER makes the worst samples easy to find; empty references have none
+            # (DESIGN: normaliser strips combining marks).
             wer = round(100 * jiwer.wer(ref, pred), 2) if ref else None
             f.write(json.dumps({**row, "wer": wer}, ensure_ascii=False) + "\n")
     (out / "summary.json").write_text(json.dumps(summary, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
