@@ -278,8 +278,8 @@ def train_step(run: Run, inject_nan: bool) -> tuple[float, float, Any, int, int]
                kind=cfg.lr_scheduler_type)
     set_lr(run.optimizer, lr)
     micro = [next(run.stream) for _ in range(micro_per_step)]
-    # One all-reduce for what every process must agree on before the forward: label tokens of the
-    # whole optimizer step (the loss is normalised by them, DESIGN: loss normalisation), samples, audio, bad samples.
+    # One all-reduce for what every process must agree on before the forward: label tokens of the whole
+    # optimizer step (the loss is normalised by them, DESIGN: loss normalisation), samples, audio, bad samples.
     step_tokens, samples, seconds, n_bad, n_seen = batches.step_totals(micro, accelerator)
     if n_bad:  # rare: collect the bad samples of all processes so every process counts the same
         for b in batches.gather_bad(micro):
