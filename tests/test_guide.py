@@ -218,3 +218,19 @@ def test_each_gpu_asked_for_must_be_seen(monkeypatch):
     env = {}
     assert device.choose(load_config(["-g", "cpu"], env={}), env) is True
     assert env == {"CUDA_VISIBLE_DEVICES": "", "ACCELERATE_USE_CPU": "true"}
+
+
+def test_gpu_device_under_accelerate_launch(monkeypatch):
+    """The guide's `gpu_device: 1` must not land on GPU 0 when accelerate launch was given no --gpu_ids."""
+    from whisper_ft import device
+
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    one = load_config(["-g", "1"], env={})
+    env = {"LOCAL_RANK": "0", "LOCAL_WORLD_SIZE": "1"}  # launched, no --gpu_ids: the config chooses
+    assert device.choose(one, env) is False and env["CUDA_VISIBLE_DEVICES"] == "1"
+    with pytest.raises(ConfigError, match="names 1 GPU.* for 2 processes"):
+        device.choose(one, {"LOCAL_RANK": "0", "LOCAL_WORLD_SIZE": "2"})
+    env = {"LOCAL_RANK": "0", "LOCAL_WORLD_SIZE": "1", "CUDA_VISIBLE_DEVICES": "0"}  # --gpu_ids 0 wins
+    with pytest.warns(UserWarning, match="gpu_device 1 is ignored: CUDA_VISIBLE_DEVICES=0"):
+        assert device.choose(one, env) is False
+    assert env["CUDA_VISIBLE_DEVICES"] == "0"

@@ -201,3 +201,47 @@ def test_rerunning_a_finished_run_says_so_and_exports_nothing_again(tiny_model, 
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "this run is finished: checkpoint-2 is at max_steps 2" in proc.stderr
     assert {p: (p.stat().st_mtime_ns, p.read_bytes()) for p in out.rglob("*") if p.is_file()} == before
+
+
+def test_launch_sh_on_the_cpu_stops_on_its_printed_command_and_the_same_command_resumes(tiny_model, tmp_path):
+    """bash launch.sh cpu: in the background, stopped with the `kill -TERM -- -PGID` it prints, rerun to finish."""
+    out = tmp_path / "run"
+    config = tmp_path / "launch.yaml"
+    config.write_text(yaml.safe_dump(base_config(tiny_model, out, max_steps=40, save_steps=1000, eval_steps=1000)))
+    env = {**os.environ, "CONFIG": str(config), "LOG": str(tmp_path / "train.log"), "PYTHONUNBUFFERED": "1"}
+
+    def launch() -> int:
+        said = subprocess.run(["bash", str(ROOT / "launch.sh"), "cpu"], env=env, capture_output=True, text=True,
+                              timeout=60, check=True).stdout
+        assert "started training on the CPU" in said
+        pgid = int(said.split("kill -TERM -- -")[1].split()[0])
+        assert (tmp_path / "train.pid").read_text().strip() == str(pgid)
+        return pgid
+
+    def wait_gone(pgid: int, timeout: float = 240) -> None:
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            try:
+                os.killpg(pgid, 0)
+            except ProcessLookupError:
+                return
+            time.sleep(0.2)
+        os.killpg(pgid, signal.SIGKILL)
+        raise AssertionError("launch.sh's run did not end: " + (tmp_path / "train.log").read_text()[-2000:])
+
+    pgid = launch()
+    deadline = time.time() + 240
+    while not ((out / "metrics.jsonl").exists() and '"loss"' in (out / "metrics.jsonl").read_text()):
+        assert time.time() < deadline, (tmp_path / "train.log").read_text()[-2000:]
+        time.sleep(0.1)
+    os.killpg(pgid, signal.SIGTERM)
+    wait_gone(pgid)
+    log = (tmp_path / "train.log").read_text()
+    assert "training on cpu" in log and "got SIGTERM" in log and "checkpoint saved" in log, log[-2000:]
+    saved = [int(p.name.split("-")[1]) for p in out.glob("checkpoint-*")]
+    assert len(saved) == 1 and 1 <= saved[0] < 40, saved
+
+    wait_gone(launch())
+    log = (tmp_path / "train.log").read_text()
+    assert f"resumed from {out / f'checkpoint-{saved[0]}'}" in log and "Traceback" not in log, log[-2000:]
+    assert [r["step"] for r in metrics(out) if "loss" in r] == list(range(1, 41))

@@ -54,6 +54,12 @@ def test_incompatible_training_settings_are_refused_together(tmp_path):
     path.write_text("lora_r: 8\n", encoding="utf-8")
     with pytest.raises(ConfigError, match="not supported with FSDP or DeepSpeed ZeRO-3"):
         load_config(["--config", str(path)], env=zero, training=True)
+    # ZeRO-3 named only in a DeepSpeed JSON (deepspeed_config_file in the accelerate config) is refused too
+    ds_json = tmp_path / "ds.json"
+    ds_json.write_text('{"zero_optimization": {"stage": 3}}', encoding="utf-8")
+    with pytest.raises(ConfigError, match="not supported with FSDP or DeepSpeed ZeRO-3"):
+        load_config(["--config", str(path)], env={"ACCELERATE_USE_DEEPSPEED": "true",
+                                                   "ACCELERATE_DEEPSPEED_CONFIG_FILE": str(ds_json)}, training=True)
     try:
         assert load_config(["--config", str(path)], env={**zero, "ACCELERATE_DEEPSPEED_ZERO_STAGE": "2"}, training=True)
     except ConfigError as e:  # without CUDA or deepspeed the launch itself is refused (tests/test_distributed.py)

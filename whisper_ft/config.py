@@ -460,8 +460,10 @@ def environment_problems(cfg: Config, env) -> list[str]:
             problems.append("lora_r > 0 needs peft: pip install peft (it is in requirements.txt)")
         # The adapter is merged into the whole model at the end and its checkpoints are written by our
         # save hook; under FSDP or ZeRO-3 the weights are sharded across processes and neither holds.
+        from whisper_ft.sharding import launch_zero_stage
+
         if env.get("ACCELERATE_USE_FSDP", "").lower() == "true" or (
-                env.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true" and env.get("ACCELERATE_DEEPSPEED_ZERO_STAGE") == "3"):
+                env.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true" and launch_zero_stage(env) == 3):
             problems.append("LoRA (lora_r > 0) is not supported with FSDP or DeepSpeed ZeRO-3, which shard the weights; "
                             "a LoRA run fits one GPU: launch it with DDP (accelerate_configs/ for one or several GPUs) "
                             "or DeepSpeed ZeRO-2")

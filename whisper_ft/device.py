@@ -1,7 +1,9 @@
 """Which device a run trains on: the GPU asked for, the CPU when asked for, or a clear refusal.
 
-A GPU can be asked for in two ways: `gpu_device` / `-g N` (plain `python train_loop.py`), or
-`accelerate launch --gpu_ids N`, which sets CUDA_VISIBLE_DEVICES. When the GPU asked for does not
+A GPU can be asked for in two ways: `gpu_device` / `-g N`, or `accelerate launch --gpu_ids N`, which
+sets CUDA_VISIBLE_DEVICES. Where both are given the launcher's choice wins (with a warning when they
+differ); `gpu_device` alone is honoured under `accelerate launch` too, so the guide's `gpu_device: 1`
+does not silently land on GPU 0, which may be another user's. When the GPU asked for does not
 exist, torch quietly reports no CUDA device and the run would train on the CPU at a twentieth of
 the speed; so this is checked before the model loads, and the run stops naming the GPUs there are.
 """
@@ -11,6 +13,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import warnings
 
 from whisper_ft.config import Config, ConfigError
 
@@ -30,12 +33,22 @@ def choose(cfg: Config, env: dict[str, str] | None = None) -> bool:
     import torch
 
     visible = env.get("CUDA_VISIBLE_DEVICES")
-    if choice and "LOCAL_RANK" not in env:  # plain `python train_loop.py -g 1`: choose among the visible GPUs
+    launched = "LOCAL_RANK" in env
+    if choice and launched and visible is not None:
+        # accelerate launch --gpu_ids (or the shell) already chose: the command line wins over the config
+        if visible.replace(" ", "") != choice:
+            warnings.warn(f"gpu_device {cfg.gpu_device} is ignored: CUDA_VISIBLE_DEVICES={visible} (accelerate "
+                          "launch --gpu_ids or your shell) chooses the GPU(s)", stacklevel=1)
+    elif choice:  # python train_loop.py -g 1, or accelerate launch without --gpu_ids: choose among the visible GPUs
         ids = [int(i) for i in choice.split(",")]
         count = torch.cuda.device_count()
         if max(ids) >= count:
             raise ConfigError([f"gpu_device {cfg.gpu_device} asked for, but {_gpus_here(env)}; "
                                "choose a GPU that exists, or -g cpu to train on the CPU deliberately"])
+        per_machine = int(env.get("LOCAL_WORLD_SIZE", "1"))
+        if len(ids) < per_machine:  # each launched process takes cuda:LOCAL_RANK among the ones shown
+            raise ConfigError([f"gpu_device {cfg.gpu_device} names {len(ids)} GPU(s) for {per_machine} processes "
+                               "on this machine; name one GPU per process, or launch with --gpu_ids"])
         shown = visible.split(",") if visible else None  # ids count within an existing restriction
         env["CUDA_VISIBLE_DEVICES"] = ",".join(shown[i] if shown else str(i) for i in ids)
         return False
@@ -74,8 +87,6 @@ def describe(accelerator) -> str:
 
 def mixed_precision(cfg: Config, on_cpu: bool = False) -> str:
     """accelerate's mixed_precision for fp16/bf16: "no" on the CPU, and fp16 where the GPU has no bf16."""
-    import warnings
-
     import torch
 
     if not (cfg.fp16 or cfg.bf16):

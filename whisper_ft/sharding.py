@@ -39,7 +39,7 @@ def launch_problems(cfg, env: Mapping[str, str]) -> list[str]:
     if fsdp and _on(env, "FSDP_ACTIVATION_CHECKPOINTING") and cfg.gradient_checkpointing:
         problems.append("fsdp_activation_checkpointing in the accelerate config and gradient_checkpointing in the "
                         "whisper-ft config both checkpoint activations; turn one off (whisper-ft's is tested)")
-    zero3 = ds and _deepspeed_stage_from_env(env) == 3
+    zero3 = ds and launch_zero_stage(env) == 3
     if (fsdp or zero3) and cfg.predict_with_generate and cfg.eval_strategy != "no":
         # Whisper's generate() decides per batch how many decoding passes to run; with sharded weights every
         # pass is a collective, and processes that disagree wait on each other for ever (seen with FSDP2).
@@ -53,7 +53,8 @@ def launch_problems(cfg, env: Mapping[str, str]) -> list[str]:
     return problems
 
 
-def _deepspeed_stage_from_env(env: Mapping[str, str]) -> int | None:
+def launch_zero_stage(env: Mapping[str, str]) -> int | None:
+    """The ZeRO stage of a DeepSpeed launch: from accelerate's own setting or from the DeepSpeed JSON it names."""
     stage = env.get("ACCELERATE_DEEPSPEED_ZERO_STAGE", "")
     if stage.isdigit():
         return int(stage)
