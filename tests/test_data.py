@@ -260,7 +260,7 @@ def test_duplicate_rows_and_train_eval_overlap_are_warned_about(tmp_path, prepar
     log = "\n".join(said)
     assert f"warning: 1 exact duplicate rows (same audio and transcript) in the training ({tmp_path} split 'train') " \
            f"data: they count twice; first: {clip(1)}#3" in log  # the third row differs in its transcript
-    assert f"warning: 1 exact duplicate rows (same audio and transcript) in the evaluation data" in log
+    assert "warning: 1 exact duplicate rows (same audio and transcript) in the evaluation data" in log
     assert f"warning: 1 of 3 evaluation samples are also training samples (same audio file): their WER flatters " \
            f"the model; first: {clip(2)}" in log
 

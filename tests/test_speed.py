@@ -229,3 +229,22 @@ def test_compile_failure_falls_back_to_eager_once(tiny_model):
     forward.compiled = out_of_memory  # a real error is not hidden by the fallback
     with pytest.raises(torch.OutOfMemoryError):
         forward(**inputs)
+
+
+def test_a_prediction_is_one_decoding_pass_of_at_most_max_length_new_tokens(tiny_model):
+    """A random model emits timestamp tokens after <|notimestamps|>; transformers would then decode the clip
+    again from that timestamp and glue the passes (docs/DESIGN.md "one decoding pass")."""
+    from whisper_ft.data import Prepare
+    from whisper_ft.languages import resolve
+    from whisper_ft.model import generate_kwargs, load_whisper
+    from whisper_ft.sources import load_records
+
+    processor, model = load_whisper(str(tiny_model), resolve("en"), "transcribe")
+    prepare = Prepare(processor.feature_extractor, processor.tokenizer)
+    features = torch.stack([torch.as_tensor(prepare(r)["input_features"]) for r in load_records(str(CV_EN), "dev")])
+    prefix = len(processor.tokenizer.prefix_tokens)
+    first_timestamp = processor.tokenizer.convert_tokens_to_ids("<|0.00|>")
+    with torch.no_grad():
+        out = model.generate(input_features=features, **generate_kwargs(model, 10))
+    assert out.shape[1] <= prefix + 10
+    assert (out[:, prefix:] >= first_timestamp).any()  # the case this is about: timestamps were predicted

@@ -106,7 +106,7 @@ class Config:
     eval_at_start: bool = setting(True, "evaluate the base model at step 0, so the improvement is known")
     per_device_eval_batch_size: int = setting(32, "samples per GPU per generate() call")
     predict_with_generate: bool = setting(True, "WER/CER from generate(); off = eval loss only")
-    generation_max_length: int = setting(225, "max tokens of a prediction, prefix included (at most 448)")
+    generation_max_length: int = setting(225, "max new tokens of a prediction (+ 3-4 prefix tokens, 448 in all at most)")
     eval_sets: dict = setting({}, "named evaluation sets {name: {dataset_name, split, ...}}; the first picks the best model; empty = eval_split")
     # --- checkpoints and logging -------------------------------------------------------------
     save_steps: int = setting(1000, "save a checkpoint every this many optimizer steps")

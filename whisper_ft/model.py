@@ -134,8 +134,13 @@ def configure_language(processor, model, lang, task: str) -> None:
 
 
 def generate_kwargs(model, max_length: int) -> dict:
-    """Greedy decoding whose prefix + new tokens stay within max_length and Whisper's 448 (DESIGN: label length)."""
-    kwargs = {"max_length": min(max_length, MAX_TARGET_POSITIONS)}  # counts the prefix, as in Seq2SeqTrainer
+    """Greedy decoding of one clip (30 s at most) into at most max_length new tokens (DESIGN: one decoding pass).
+
+    transformers' Whisper generate() adds the prefix length to max_length itself (capped at the decoder's
+    448 positions: DESIGN: label length), and without force_unique_generate_call it decodes the clip again
+    from the last timestamp token a prediction contains, gluing the passes into one longer transcript.
+    """
+    kwargs = {"max_length": min(max_length, MAX_TARGET_POSITIONS), "force_unique_generate_call": True}
     if is_multilingual(model):
         kwargs.update(language=model.generation_config.language, task=model.generation_config.task)
     return kwargs
