@@ -102,7 +102,12 @@ def export_model(unwrapped_model, processor, out_dir: Path, state_dict: dict | N
     weights, so the unwrapped model's own parameters are only this process's pieces).
     """
     out_dir.mkdir(parents=True, exist_ok=True)
-    unwrapped_model.save_pretrained(out_dir, safe_serialization=True, state_dict=state_dict)
+    config = unwrapped_model.config
+    training_value, config.use_cache = config.use_cache, True  # off only for training; users generate with it
+    try:
+        unwrapped_model.save_pretrained(out_dir, safe_serialization=True, state_dict=state_dict)
+    finally:
+        config.use_cache = training_value
     processor.save_pretrained(out_dir)
     # transformers 5 keeps the feature extractor's settings inside processor_config.json; older transformers,
     # faster-whisper's converter and other tools read preprocessor_config.json. Write both.
