@@ -92,6 +92,27 @@ def test_the_card_lists_every_set_base_and_fine_tuned(two_runs):
     assert "| en_dev | `cv-en` `dev` | 4 |" in card and "| as_dev | `cv-as` `dev` | 2 |" in card
 
 
+def test_the_evaluate_command_evaluates_every_set_as_training_did(two_runs, tmp_path, capsys):
+    """python -m whisper_ft.cli.evaluate without --split: each set of eval_sets, each in its own folder, with
+    the numbers the run logged for that checkpoint."""
+    from whisper_ft.cli.evaluate import main
+
+    (out, _), _ = two_runs
+    assert main(["--config", str(out / "config.yaml"), "--model", str(out / "checkpoint-6"),
+                 "--output-dir", str(tmp_path / "ev")]) == 0
+    err = capsys.readouterr().err
+    logged = [r for r in metrics(out) if "eval_loss" in r and r["step"] == 6][-1]
+    for name, samples in (("en_dev", 4), ("as_dev", 2)):
+        summary = json.loads((tmp_path / "ev" / name / "summary.json").read_text())
+        assert summary["eval_set"] == name and summary["metrics"]["eval_samples"] == samples
+        assert summary["metrics"]["eval_wer"] == logged[f"eval/{name}/wer"]
+        assert summary["metrics"]["eval_loss"] == pytest.approx(logged[f"eval/{name}/loss"], rel=1e-5)
+        assert f"{name}: {samples} samples: wer" in err
+    # --split still evaluates one split of the run's dataset, named by the split
+    assert main(["--config", str(out / "config.yaml"), "--model", str(out / "checkpoint-6"), "--split", "test"]) == 0
+    assert json.loads((out / "eval" / "checkpoint-6-test" / "summary.json").read_text())["dataset"].endswith("cv-en")
+
+
 def test_eval_sets_from_yaml_and_the_command_line(tmp_path):
     path = tmp_path / "c.yaml"
     path.write_text(yaml.safe_dump({"lang": "en", "dataset_name": "data.csv", "text_column": "text",

@@ -8,7 +8,9 @@ Without it: the final model in checkpoint_dir when the run has exported one, els
 (whisper_pretrained), which gives the zero-shot baseline. Every training-config flag works here too
 (--lang, --max-eval-samples, --per-device-eval-batch-size, --generation-max-length, ...).
 
-Writes, under --output-dir (default <checkpoint_dir>/eval/<model>-<split>/):
+Without --split, every set of the config's eval_sets is evaluated (as training evaluated them), else its
+eval_split. Writes, for each, under --output-dir (default <checkpoint_dir>/eval/<model>-<split or set>/;
+with several sets, a folder per set inside --output-dir):
   predictions.jsonl  one object per evaluated sample: id, reference, prediction, wer (normalised, %)
   summary.json       model, data, language, metrics, skipped samples
 Each sample is evaluated by exactly one process and counted once (whisper_ft.evaluation).
@@ -29,6 +31,7 @@ many segments start without a space (glued sentences), with every segment per re
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import re
 import sys
@@ -47,7 +50,8 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
     p = argparse.ArgumentParser(prog="python -m whisper_ft.cli.evaluate", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False)
     p.add_argument("--model", default="", help="model folder, Hub id or checkpoint-<step> folder (see above)")
-    p.add_argument("--split", default="", help="split(s) to evaluate; default: eval_split of the config")
+    p.add_argument("--split", default="", help="split of the config's dataset to evaluate; default: the config's "
+                                               "eval_sets, else its eval_split")
     p.add_argument("--output-dir", default="", help="where predictions.jsonl and summary.json (or long_form.json) go")
     p.add_argument("--long-form", default="", metavar="DATA_OR_AUDIO",
                    help="long-form check instead: a dataset whose clips are joined, or audio with a .txt beside it")
@@ -98,46 +102,51 @@ def run(cfg, args) -> int:
                               dataloader_config=DataLoaderConfiguration(dispatch_batches=False, split_batches=False))
     say = Reporter(accelerator)
     lang = resolve(cfg.lang)
-    split = args.split or cfg.eval_split
+    sets = evaluation_sets(cfg, args.split)
     model_ref, label = choose_model(args.model, cfg)
-    say(f"evaluating {model_ref} ({label}) on {cfg.dataset_name} split {split!r}, {lang.name}, "
-        f"{accelerator.num_processes} process(es)")
+    say(f"evaluating {model_ref} ({label}) on " + "; ".join(f"{s['dataset_name']} split {s['split']!r}"
+                                                            for s in sets.values())
+        + f", {lang.name}, {accelerator.num_processes} process(es)")
     processor, model = load_any(model_ref, cfg, lang)
     model.to(accelerator.device)
-
     prepare = Prepare(processor.feature_extractor, processor.tokenizer)
-    records = load_records(cfg.dataset_name, split, lang=lang, text_column=cfg.text_column,
-                           audio_column=cfg.audio_column, dataset_config=cfg.dataset_config,
-                           revision=cfg.dataset_revision, cache_dir=cfg.dataset_cache, token=cfg.hf_token)
-    if cfg.max_eval_samples and cfg.max_eval_samples < len(records):
-        records = [records[i] for i in range(cfg.max_eval_samples)]
-    if not len(records):
-        raise DataError(f"{cfg.dataset_name} split {split!r} has no samples")
-    # Unusable samples (empty or over-long transcript, unreadable audio, over 30 s) are not filtered here:
-    # Prepare turns each into a Bad, which evaluate() returns; they are counted and named in the summary.
-    loader = batches.eval_loader(records, prepare, Collator(model.config.decoder_start_token_id), cfg,
-                                 accelerator.process_index, accelerator.num_processes)
-    start = time.perf_counter()
-    metrics, rows, bad = evaluate(model, loader, processor.tokenizer, accelerator,
-                                  generate_kwargs={**generate_kwargs(model, cfg.generation_max_length),
-                                                   **speed.generation_speedups(speed.compile_wanted(cfg.torch_compile))})
-    seconds = time.perf_counter() - start
+    kwargs = {**generate_kwargs(model, cfg.generation_max_length),
+              **speed.generation_speedups(speed.compile_wanted(cfg.torch_compile))}
 
-    out = Path(args.output_dir) if args.output_dir else default_output_dir(cfg, model_ref, label, split)
-    if accelerator.is_main_process:
-        summary = {
-            "model": model_ref, "model_kind": label, "dataset": cfg.dataset_name, "dataset_config": cfg.dataset_config,
-            "split": split, "language": lang.code, "task": cfg.task, "processes": accelerator.num_processes,
-            "generation_max_length": cfg.generation_max_length, "seconds": round(seconds, 2),
-            "metrics": metrics, "skipped_samples": len(bad), "skipped_by_reason": dict(Counter(b.reason for b in bad)),
-            "skipped": [{"id": b.id, "reason": b.reason, "detail": b.detail} for b in bad[:50]],
-        }
-        write_outputs(out, rows, summary)
-        say(f"{len(rows)} samples: " + ", ".join(f"{k[5:]} {metrics[k]:.2f}" for k in
-                                                 ("eval_wer", "eval_cer", "eval_wer_ortho") if k in metrics))
-        if bad:
-            say(f"skipped {len(bad)} unusable samples ({reasons(bad)}); first: {name_first(bad, 3)}")
-        say(f"wrote {out / 'predictions.jsonl'} and {out / 'summary.json'}")
+    for name, spec in sets.items():
+        records = load_records(spec["dataset_name"], spec["split"], lang=lang, text_column=spec["text_column"],
+                               audio_column=spec["audio_column"], dataset_config=spec["dataset_config"],
+                               revision=spec["dataset_revision"], cache_dir=cfg.dataset_cache, token=cfg.hf_token)
+        if cfg.max_eval_samples and cfg.max_eval_samples < len(records):
+            records = [records[i] for i in range(cfg.max_eval_samples)]
+        if not len(records):
+            raise DataError(f"{spec['dataset_name']} split {spec['split']!r} has no samples")
+        # Unusable samples (empty or over-long transcript, unreadable audio, over 30 s) are not filtered here:
+        # Prepare turns each into a Bad, which evaluate() returns; they are counted and named in the summary.
+        loader = batches.eval_loader(records, prepare, Collator(model.config.decoder_start_token_id), cfg,
+                                     accelerator.process_index, accelerator.num_processes)
+        start = time.perf_counter()
+        metrics, rows, bad = evaluate(model, loader, processor.tokenizer, accelerator, generate_kwargs=kwargs)
+        seconds = time.perf_counter() - start
+
+        out = default_output_dir(cfg, model_ref, label, name) if not args.output_dir else \
+            Path(args.output_dir) / (_safe(name) if len(sets) > 1 else "")
+        if accelerator.is_main_process:
+            summary = {
+                "model": model_ref, "model_kind": label, "eval_set": name, "dataset": spec["dataset_name"],
+                "dataset_config": spec["dataset_config"], "split": spec["split"], "language": lang.code,
+                "task": cfg.task, "processes": accelerator.num_processes,
+                "generation_max_length": cfg.generation_max_length, "seconds": round(seconds, 2),
+                "metrics": metrics, "skipped_samples": len(bad),
+                "skipped_by_reason": dict(Counter(b.reason for b in bad)),
+                "skipped": [{"id": b.id, "reason": b.reason, "detail": b.detail} for b in bad[:50]],
+            }
+            write_outputs(out, rows, summary)
+            say((f"{name}: " if len(sets) > 1 else "") + f"{len(rows)} samples: " + ", ".join(
+                f"{k[5:]} {metrics[k]:.2f}" for k in ("eval_wer", "eval_cer", "eval_wer_ortho") if k in metrics))
+            if bad:
+                say(f"skipped {len(bad)} unusable samples ({reasons(bad)}); first: {name_first(bad, 3)}")
+            say(f"wrote {out / 'predictions.jsonl'} and {out / 'summary.json'}")
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return Exit.OK
@@ -187,6 +196,17 @@ def run_long_form(cfg, args, model_ref: str, label: str, say) -> int:
         + f"; {report['segments_without_leading_space']} starting without a space")
     say(f"wrote {out / 'long_form.json'}")
     return Exit.OK
+
+
+def evaluation_sets(cfg, split_arg: str) -> dict[str, dict[str, str]]:
+    """name -> {dataset_name, split, columns, ...}: --split on the config's dataset, else the config's
+    eval_sets (each as training evaluated it), else its eval_split. A set is named by its split by default."""
+    from whisper_ft.config import eval_set_specs
+
+    if split_arg or not cfg.eval_sets:
+        spec = eval_set_specs(dataclasses.replace(cfg, eval_sets={}))["eval"]
+        return {split_arg or cfg.eval_split: {**spec, "split": split_arg or cfg.eval_split}}
+    return eval_set_specs(cfg)
 
 
 def choose_model(arg: str, cfg) -> tuple[str, str]:
