@@ -147,7 +147,8 @@ def setup(run: Run) -> None:
                           timestamp_probability=cfg.timestamp_probability, seed=cfg.seed)
 
     run.train_data, eval_records = batches.load_data(cfg, run.lang, run.prepare, say)
-    run.eval_sets = batches.load_eval_sets(cfg, run.lang, run.prepare, say, eval_records)  # {"eval": ...} by default
+    run.eval_sets = batches.load_eval_sets(cfg, run.lang, run.prepare, say, eval_records,
+                                           run.train_data)  # {"eval": ...} by default
 
     # Groups and counts come from the whole model, before FSDP/DeepSpeed shard it in prepare.
     optimizer = trainable.build_optimizer(model, cfg)  # AdamW (or 8-bit) over the trainable weights only

@@ -265,6 +265,24 @@ def test_duplicate_rows_and_train_eval_overlap_are_warned_about(tmp_path, prepar
            f"the model; first: {clip(2)}" in log
 
 
+def test_named_eval_sets_are_checked_against_the_training_data_too(tmp_path, prepare):
+    from whisper_ft.batches import load_data, load_eval_sets
+
+    (tmp_path / "train.csv").write_text(f"path,text\n{clip(1)},{EN_1_8[0]}\n{clip(2)},{EN_1_8[1]}\n")
+    (tmp_path / "dev.csv").write_text(f"path,text\n{clip(2)},{EN_1_8[1]}\n{clip(3)},{EN_1_8[2]}\n")
+    (tmp_path / "test.csv").write_text(f"path,text\n{clip(4)},{EN_1_8[3]}\n{clip(4)},{EN_1_8[3]}\n")
+    cfg = cfg_for(str(tmp_path), eval_sets={"in_domain": {"split": "dev"}, "held_out": {"split": "test"}})
+    said = []
+    train, _ = load_data(cfg, resolve("en"), prepare, said.append)
+    sets = load_eval_sets(cfg, resolve("en"), prepare, said.append, [], train)
+    log = "\n".join(said)
+    assert [len(sets[name]) for name in ("in_domain", "held_out")] == [2, 2]
+    assert f"warning: 1 of 2 eval set 'in_domain' samples are also training samples (same audio file): their " \
+           f"WER flatters the model; first: {clip(2)}" in log
+    assert "warning: 1 exact duplicate rows (same audio and transcript) in the eval set 'held_out' data" in log
+    assert "held_out' samples are also" not in log and "in_domain' data" not in log
+
+
 def test_unknown_folder_is_a_clear_error(tmp_path):
     (tmp_path / "x.txt").write_text("hi")
     with pytest.raises(DataError, match="is a folder, but not a Common Voice release .* no parquet files"):

@@ -68,23 +68,37 @@ def load_data(cfg: Config, lang, prepare, say) -> tuple[Any, list]:
         say(f"{len(bad)} training samples are unusable and will be skipped and counted when drawn: {describe(bad)}")
     if eval_bad:
         say(f"skipped {len(eval_bad)} evaluation samples before starting: {describe(eval_bad)}")
-    train_ids = {r.id for r in train} if isinstance(train, list) else set()
-    if evals and all(r.id in train_ids for r in evals):
-        say(f"warning: all {len(evals)} evaluation samples are training samples too (a manifest without a "
+    for label, part in train_parts:
+        if isinstance(part, list):
+            _warn_duplicates(part, f"training ({label or where})", say)
+    _warn_overlap(train, evals, "evaluation", say)
+    return train, evals
+
+
+def _warn_overlap(train, evals: list, what: str, say) -> None:
+    """Warn about evaluation samples that are training samples too (their WER flatters the model) and about
+    duplicate evaluation rows. A streamed training split cannot be compared and is not."""
+    if not evals or not isinstance(train, list):
+        _warn_duplicates(evals, what, say)
+        return
+    train_ids = {r.id for r in train}
+    if all(r.id in train_ids for r in evals):
+        say(f"warning: all {len(evals)} {what} samples are training samples too (a manifest without a "
             "split column gives every split all its rows): the evaluation measures memorisation, not accuracy")
-    elif isinstance(train, list):
+    else:
         train_audio = {_audio_key(r) for r in train}
         shared = [r for r in evals if _audio_key(r) in train_audio]
         if shared:
-            say(f"warning: {len(shared)} of {len(evals)} evaluation samples are also training samples (same audio "
+            say(f"warning: {len(shared)} of {len(evals)} {what} samples are also training samples (same audio "
                 "file): their WER flatters the model; first: " + ", ".join(r.id for r in shared[:3]))
-    for what, records in [(f"training ({label or where})", part) for label, part in train_parts
-                          if isinstance(part, list)] + [("evaluation", evals)]:
-        dups = _duplicates(records)
-        if dups:
-            say(f"warning: {len(dups)} exact duplicate rows (same audio and transcript) in the {what} data: they "
-                "count twice; first: " + ", ".join(dups[:3]))
-    return train, evals
+    _warn_duplicates(evals, what, say)
+
+
+def _warn_duplicates(records: list, what: str, say) -> None:
+    dups = _duplicates(records)
+    if dups:
+        say(f"warning: {len(dups)} exact duplicate rows (same audio and transcript) in the {what} data: they "
+            "count twice; first: " + ", ".join(dups[:3]))
 
 
 def _check_train(train: list, prepare, cfg: Config, where: str) -> list[Bad]:
@@ -162,11 +176,12 @@ def _checked_evals(evals: list, prepare, cfg: Config, where: str) -> tuple[list,
     return evals, eval_bad
 
 
-def load_eval_sets(cfg: Config, lang, prepare, say, default_evals: list) -> dict[str, list]:
+def load_eval_sets(cfg: Config, lang, prepare, say, default_evals: list, train=None) -> dict[str, list]:
     """name -> evaluation records. Without eval_sets: {"eval": the records load_data read from eval_split}.
 
-    Each named set is read like the run's own eval split (a mixture file too), checked, and capped at
-    max_eval_samples; the order is the config's, and the first set chooses the best model.
+    Each named set is read like the run's own eval split (a mixture file too), checked, capped at
+    max_eval_samples, and compared with the training records as load_data compares eval_split; the order is
+    the config's, and the first set chooses the best model.
     """
     import dataclasses
 
@@ -190,6 +205,7 @@ def load_eval_sets(cfg: Config, lang, prepare, say, default_evals: list) -> dict
                                                                 f"split {view.eval_split!r})")
         say(f"eval set {name}: {len(records)} samples ({view.dataset_name}, split {view.eval_split})"
             + (f"; skipped {len(bad)}: {reasons(bad)}" if bad else ""))
+        _warn_overlap(train, records, f"eval set {name!r}", say)
         sets[name] = records
     return sets
 
