@@ -190,7 +190,6 @@ def worker_ceiling(spec: dict) -> dict:
 
 
 def worker_ours_eval(spec: dict) -> dict:
-    import torch
     from accelerate import Accelerator
 
     from whisper_ft import batches, speed
@@ -548,8 +547,7 @@ def main(argv: list[str] | None = None) -> int:
     if a.steps <= a.log_every or a.steps % a.log_every:
         p.error("--steps must be a multiple of --log-every and larger than it")
 
-    import torch  # noqa: F401 - versions only; CUDA is initialised in the workers
-    import transformers
+    import transformers  # its version only; torch and CUDA are initialised in the workers
 
     holder = None if a.keep else tempfile.TemporaryDirectory(prefix="bench-gpu-")
     tmp = Path(a.keep or holder.name).resolve()
