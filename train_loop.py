@@ -14,6 +14,7 @@ from __future__ import annotations
 import math
 import os
 import sys
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -405,6 +406,10 @@ def close(run: Run) -> None:
         run.bar.close()
     if run.log is not None:
         run.log.close()
+    if run.accelerator.num_processes > 1:
+        # Give gloo's worker threads the GIL to finish dropping the last collective's tensors: the process
+        # group may next be destroyed with the GIL held, and that waits for them (DESIGN: process group teardown).
+        time.sleep(0.2)
     run.accelerator.end_training()
 
 

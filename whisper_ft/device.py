@@ -48,7 +48,8 @@ def choose(cfg: Config, env: dict[str, str] | None = None) -> bool:
         per_machine = int(env.get("LOCAL_WORLD_SIZE", "1"))
         if len(ids) < per_machine:  # each launched process takes cuda:LOCAL_RANK among the ones shown
             raise ConfigError([f"gpu_device {cfg.gpu_device} names {len(ids)} GPU(s) for {per_machine} processes "
-                               "on this machine; name one GPU per process, or launch with --gpu_ids"])
+                               "on this machine; name one GPU per process, leave gpu_device empty (-g \"\") to use "
+                               "every GPU, or launch with --gpu_ids"])
         shown = visible.split(",") if visible else None  # ids count within an existing restriction
         env["CUDA_VISIBLE_DEVICES"] = ",".join(shown[i] if shown else str(i) for i in ids)
         return False
