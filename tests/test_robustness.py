@@ -208,7 +208,9 @@ def test_launch_sh_on_the_cpu_stops_on_its_printed_command_and_the_same_command_
     out = tmp_path / "run"
     config = tmp_path / "launch.yaml"
     config.write_text(yaml.safe_dump(base_config(tiny_model, out, max_steps=40, save_steps=1000, eval_steps=1000)))
-    env = {**os.environ, "CONFIG": str(config), "LOG": str(tmp_path / "train.log"), "PYTHONUNBUFFERED": "1"}
+    env = {**os.environ, "CONFIG": str(config), "LOG": str(tmp_path / "train.log"), "PYTHONUNBUFFERED": "1",
+           # the `accelerate` command of this interpreter's environment, even where its bin folder is not on PATH
+           "PATH": os.pathsep.join([os.path.dirname(sys.executable), os.environ.get("PATH", "")])}
 
     def launch() -> int:
         said = subprocess.run(["bash", str(ROOT / "launch.sh"), "cpu"], env=env, capture_output=True, text=True,
