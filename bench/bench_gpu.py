@@ -280,7 +280,9 @@ class Bench:
 
     def env(self) -> dict[str, str]:
         env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", HF_DATASETS_OFFLINE="1",
-                   PYTHONPATH=os.pathsep.join([str(ROOT), str(ROOT / "bench")]), TOKENIZERS_PARALLELISM="false")
+                   PYTHONPATH=os.pathsep.join([str(ROOT), str(ROOT / "bench")]
+                                                   + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]),
+                   TOKENIZERS_PARALLELISM="false")
         if self.a.device == "cpu":
             env["CUDA_VISIBLE_DEVICES"] = ""
         return env

@@ -43,6 +43,8 @@ def main() -> None:
     p.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES))
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--steps", type=int, default=20, help="optimizer steps per mode; timed over the second half")
+    p.add_argument("--torch-compile", choices=("auto", "true", "false"), default="auto",
+                   help="train_loop.py's torch_compile (false saves the compile time of each mode)")
     p.add_argument("--cpu", action="store_true", help="run on the CPU (only to check the script)")
     args = p.parse_args()
 
@@ -60,7 +62,8 @@ def main() -> None:
                    "load_best_model_at_end": False, "per_device_train_batch_size": args.batch,
                    "learning_rate": 1e-5, "warmup_steps": 0, "max_steps": args.steps, "save_steps": 10**6,
                    "logging_steps": max(1, args.steps // 2), "gradient_checkpointing": "true", "fp16": False,
-                   "bf16": not args.cpu, "report_to": "none", "dataloader_num_workers": 4, **MODES[mode]}
+                   "bf16": not args.cpu, "report_to": "none", "dataloader_num_workers": 4,
+                   "torch_compile": args.torch_compile, **MODES[mode]}
             path = Path(tmp) / f"{mode}.yaml"
             path.write_text(yaml.safe_dump(cfg), encoding="utf-8")
             env = {"ACCELERATE_USE_CPU": "true"} if args.cpu else {}
@@ -68,11 +71,13 @@ def main() -> None:
                                   capture_output=True, text=True, env={**__import__("os").environ, **env})
             if proc.returncode:
                 rows.append((mode, None, None, proc.stderr.strip().splitlines()[-1][:120]))
-                continue
-            logged = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if '"loss"' in line]
-            last = logged[-1]
-            rows.append((mode, last.get("peak_gpu_memory_gb"), last["samples_per_second"], ""))
-    print(f"\n{args.shape} shape, batch {args.batch}, gradient checkpointing, {'fp32 CPU' if args.cpu else 'bf16'}")
+            else:
+                logged = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()
+                          if '"loss"' in line]
+                rows.append((mode, logged[-1].get("peak_gpu_memory_gb"), logged[-1]["samples_per_second"], ""))
+            print(f"{mode}: {rows[-1][1:]}", file=sys.stderr, flush=True)  # kept if a later mode is cut off
+    print(f"\n{args.shape} shape, batch {args.batch}, gradient checkpointing, {'fp32 CPU' if args.cpu else 'bf16'}, "
+          f"torch_compile {args.torch_compile}")
     print("| mode | peak GPU memory (GiB) | samples/s | note |\n|---|---|---|---|")
     for mode, memory, sps, note in rows:
         print(f"| {mode} | {memory if memory is not None else '-'} | {f'{sps:.1f}' if sps else '-'} | {note} |")
