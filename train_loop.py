@@ -206,9 +206,10 @@ def start(run: Run) -> None:
     run.log = MetricsLog(run.out, accelerator, resume_step=resume_step)
     rank, world = accelerator.process_index, accelerator.num_processes
     start_token = accelerator.unwrap_model(run.model).config.decoder_start_token_id
-    # A compiled forward gets label widths from a few buckets, so new transcript lengths do not recompile it.
-    run.stream = batches.train_batches(run.train_data, run.prepare, Collator(start_token, bucket=run.compile_on),
-                                       cfg, rank, world, start_step=state.step)
+    # A compiled forward gets label widths from a few buckets and full batches, so new transcript lengths and
+    # short batches do not recompile it.
+    collate = Collator(start_token, bucket=run.compile_on, rows=cfg.per_device_train_batch_size if run.compile_on else 0)
+    run.stream = batches.train_batches(run.train_data, run.prepare, collate, cfg, rank, world, start_step=state.step)
     if run.resumed_from is not None:  # a streamed shard's exact position; a record list's follows from the step
         run.stream.load_state_dict(checkpoint.read_process_state(run.resumed_from, rank))
     run.eval_loaders = {name: batches.eval_loader(records, run.prepare, Collator(start_token), cfg, rank, world)

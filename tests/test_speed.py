@@ -31,6 +31,34 @@ def test_bucketed_labels_pad_to_the_next_bucket(longest, width):
     assert width in LABEL_BUCKETS
 
 
+def test_a_short_batch_is_padded_with_rows_that_change_no_loss_or_gradient(tiny_model):
+    from transformers import WhisperForConditionalGeneration
+
+    from whisper_ft.collate import decoder_inputs
+    from whisper_ft.evaluation import token_loss_sum
+
+    samples = [{**sample(i, 5 + i), "input_features": torch.randn(80, 3000).numpy()} for i in range(2)]
+    short = Collator(decoder_start_token_id=7, bucket=True)(samples)
+    full = Collator(decoder_start_token_id=7, bucket=True, rows=5)(samples)
+    assert full["input_features"].shape[0] == full["labels"].shape[0] == 5 and full["ids"] == ["0", "1"]
+    assert (full["labels"][2:] == IGNORE_INDEX).all() and not full["input_features"][2:].any()
+    assert torch.equal(full["labels"][:2], short["labels"])
+    model = WhisperForConditionalGeneration.from_pretrained(tiny_model).eval()  # no dropout; gradients still flow
+    shift = decoder_inputs(model.config)
+    results = []
+    for batch in (short, full):
+        model.zero_grad()
+        logits = model(input_features=batch["input_features"], decoder_input_ids=shift(batch["labels"])).logits
+        loss = token_loss_sum(logits, batch["labels"])
+        loss.backward()
+        results.append((loss.detach(), [p.grad.clone() for p in model.parameters() if p.grad is not None]))
+    (loss_short, grads_short), (loss_full, grads_full) = results
+    # the same sums over the same rows; other matrix shapes may round the last bits differently
+    assert torch.allclose(loss_full, loss_short, rtol=1e-6)
+    assert len(grads_full) == len(grads_short)
+    assert all(torch.allclose(a, b, rtol=1e-4, atol=1e-7) for a, b in zip(grads_full, grads_short))
+
+
 @pytest.mark.parametrize("args,yaml_text,expect", [
     ([], "lang: en\n", ("true", "auto")),  # an empty config file is an error (issue 9): set something else
     ([], "gradient_checkpointing: false\ntorch_compile: true\n", ("false", "true")),
@@ -175,14 +203,15 @@ def test_eval_batches_are_ordered_by_length():
 def test_compiled_training_matches_eager_per_step(tiny_model_1layer, tmp_path):
     """train_loop.py with torch_compile: true (forced on CPU) against false: per-step losses within rel 1e-4.
 
-    fp32; the compiled side also pads labels to buckets. Inductor on CPU fuses and reorders float sums, so the
-    losses are close, not bitwise equal. Takes about 1-2 minutes on 2 CPU cores, almost all of it compiling.
+    fp32; the compiled side also pads labels to buckets and the epoch's short last batch (25 clips at batch
+    8: step 4 has one) to full size, without a recompilation. Inductor on CPU fuses and reorders float sums,
+    so the losses are close, not bitwise equal. About 1-2 minutes on 2 CPU cores, almost all of it compiling.
     """
     losses, started = {}, time.perf_counter()
     for compile_on in ("false", "true"):
         out = tmp_path / compile_on
-        cfg = base_config(tiny_model_1layer, out, max_steps=3, eval_strategy="no", load_best_model_at_end=False,
-                          torch_compile=compile_on)
+        cfg = base_config(tiny_model_1layer, out, max_steps=4, per_device_train_batch_size=8, eval_strategy="no",
+                          load_best_model_at_end=False, torch_compile=compile_on)
         proc = run_train(cfg, tmp_path)
         assert proc.returncode == 0, proc.stderr[-3000:]
         assert f"torch_compile {'on' if compile_on == 'true' else 'off'}" in proc.stderr
@@ -194,8 +223,8 @@ def test_compiled_training_matches_eager_per_step(tiny_model_1layer, tmp_path):
             assert r["mfu_percent"] is None and r["peak_gpu_memory_gb"] is None  # CPU: no known peak, no GPU
         if compile_on == "true":
             final = rows[-1]
-            assert final["compiled_graphs"] >= 1 and final["recompiled_graphs"] == 0  # 3 steps, one bucket
-    assert len(losses["true"]) == len(losses["false"]) == 3
+            assert final["compiled_graphs"] >= 1 and final["recompiled_graphs"] == 0  # one bucket, one batch size
+    assert len(losses["true"]) == len(losses["false"]) == 4
     for eager, compiled in zip(losses["false"], losses["true"]):
         assert math.isfinite(eager) and abs(compiled - eager) <= 1e-4 * abs(eager), (losses, time.perf_counter() - started)
 

@@ -21,6 +21,7 @@ LABEL_BUCKETS = (32, 64, 128, 256, 448)
 class Collator:
     decoder_start_token_id: int  # <|startoftranscript|>: the model prepends it when shifting labels right
     bucket: bool = False  # pad label width up to a LABEL_BUCKETS length (for a compiled model); else the longest
+    rows: int = 0  # pad the batch to this many rows (for a compiled model); 0 = the samples there are
 
     def __call__(self, samples: list[dict[str, Any] | Bad]) -> dict[str, Any]:
         good = [s for s in samples if not isinstance(s, Bad)]
@@ -35,7 +36,15 @@ class Collator:
         width = max(len(x) for x in labels)
         if self.bucket:
             width = next((b for b in LABEL_BUCKETS if b >= width), width)
+        # A short batch (an epoch's last, or one with bad samples dropped) would recompile a compiled model
+        # (DESIGN: recompiling on batch size): pad it with silent rows whose labels are all -100, which add
+        # nothing to the loss or the gradients; counts come from "ids", which holds the real samples only.
+        extra = max(0, self.rows - len(good))
+        labels += [[]] * extra
         batch["labels"] = torch.tensor([x + [IGNORE_INDEX] * (width - len(x)) for x in labels], dtype=torch.long)
+        if extra:
+            batch["input_features"] = torch.cat([batch["input_features"],
+                                                 batch["input_features"].new_zeros(extra, *batch["input_features"].shape[1:])])
         return batch
 
 

@@ -81,8 +81,8 @@ class CompiledForward:
         self.model, self.say = model, say
         self.compiled, self.first_graphs = None, None
         if enabled:
-            # Label lengths are padded to a few buckets (collate.LABEL_BUCKETS), so static shapes compile a
-            # handful of graphs; allow a few more for the smaller last batch of an epoch.
+            # Label lengths are padded to a few buckets (collate.LABEL_BUCKETS) and batches to full size, so
+            # static shapes compile a handful of graphs (DESIGN: recompiling on batch size).
             name = "recompile_limit" if hasattr(torch._dynamo.config, "recompile_limit") else "cache_size_limit"
             setattr(torch._dynamo.config, name, max(getattr(torch._dynamo.config, name), 32))  # older torch: cache_size_limit
             self.compiled = torch.compile(model, dynamic=False)
