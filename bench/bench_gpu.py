@@ -279,10 +279,9 @@ class Bench:
         self.a, self.tmp, self.n = a, tmp, 0
 
     def env(self) -> dict[str, str]:
+        kept = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]  # e.g. carried packages
         env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", HF_DATASETS_OFFLINE="1",
-                   PYTHONPATH=os.pathsep.join([str(ROOT), str(ROOT / "bench")]
-                                                   + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]),
-                   TOKENIZERS_PARALLELISM="false")
+                   PYTHONPATH=os.pathsep.join([str(ROOT), str(ROOT / "bench"), *kept]), TOKENIZERS_PARALLELISM="false")
         if self.a.device == "cpu":
             env["CUDA_VISIBLE_DEVICES"] = ""
         return env
