@@ -79,6 +79,25 @@ def metrics(out: Path) -> list[dict]:
     return [json.loads(line) for line in (Path(out) / "metrics.jsonl").read_text().splitlines() if line.strip()]
 
 
+def train_rows(out: Path) -> list[tuple]:
+    """(step, loss, lr) of every training log line: what an exact resume must reproduce."""
+    return [(r["step"], r["loss"], r["lr"]) for r in metrics(out) if "loss" in r]
+
+
+def straight_and_resumed(model: Path, tmp: Path, cfg: dict, stops: tuple[int, ...]):
+    """The same run twice: straight to the end, and stopped at each of `stops` (the last is max_steps) and
+    resumed by rerunning the command. Returns (straight folder, resumed folder, the straight run's process,
+    the last resumed process)."""
+    straight, resumed = tmp / "straight", tmp / "resumed"
+    first = run_train(base_config(model, straight, **cfg), tmp)
+    assert first.returncode == 0, first.stderr[-3000:]
+    for stop_at in stops:
+        proc = run_train(base_config(model, resumed, **cfg), tmp, "--stop-at-step", str(stop_at))
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "resumed from" in proc.stderr
+    return straight, resumed, first, proc
+
+
 @pytest.fixture(scope="session")
 def tiny_model_1layer(tmp_path_factory) -> Path:
     """One layer each side, d_model 32: the smallest graph for the torch.compile test (compiling is slow on CPU)."""

@@ -12,7 +12,7 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from conftest import ROOT, base_config, metrics, run_train
+from conftest import ROOT, base_config, metrics, run_train, train_rows
 
 
 def free_port() -> int:
@@ -46,10 +46,6 @@ def run_two_machines(cfgs: list[dict], tmp, *args: str, timeout: int = 300) -> l
                 p.kill()
             raise
     return results
-
-
-def train_rows(out):
-    return [(r["step"], r["loss"], r["lr"]) for r in metrics(out) if "loss" in r]
 
 
 def test_two_machines_stop_resume_and_match_one_machine_bit_for_bit(tiny_model, tmp_path):

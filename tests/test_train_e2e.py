@@ -5,23 +5,14 @@ import sys
 import torch
 from safetensors.torch import load_file
 
-from conftest import CV_EN, base_config, metrics, run_train
-
-
-def train_rows(out):
-    return [(r["step"], r["loss"], r["lr"]) for r in metrics(out) if "loss" in r]
+from conftest import CV_EN, base_config, metrics, run_train, straight_and_resumed, train_rows
 
 
 def test_resume_is_step_exact_with_accumulation(tiny_model, tmp_path):
     """6 steps straight == 2 + resume + 2 + resume + 2: same losses, LRs and final weights, bit for bit."""
-    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
     cfg = dict(gradient_accumulation_steps=2, save_steps=2, eval_steps=2, max_steps=6, save_total_limit=0)
-    proc = run_train(base_config(tiny_model, straight, **cfg), tmp_path)
-    assert proc.returncode == 0, proc.stderr
-    for stop_at in (2, 4, 6):
-        proc = run_train(base_config(tiny_model, resumed, **cfg), tmp_path, "--stop-at-step", str(stop_at))
-        assert proc.returncode == 0, proc.stderr
-    assert "resumed from" in proc.stderr and "stop_at_step 4 -> 6" in proc.stderr
+    straight, resumed, _, proc = straight_and_resumed(tiny_model, tmp_path, cfg, (2, 4, 6))
+    assert "stop_at_step 4 -> 6" in proc.stderr
     assert train_rows(straight) == train_rows(resumed)
     assert len(train_rows(straight)) == 6
     a = load_file(straight / "checkpoint-6" / "model.safetensors")
@@ -129,12 +120,7 @@ def test_streaming_resume_is_step_exact_across_epochs(tiny_model, tmp_path):
     data = parquet_copy(tmp_path / "pq")
     cfg = dict(dataset_name=str(data), streaming=True, eval_split="validation", per_device_train_batch_size=3,
                max_steps=12, save_steps=4, eval_steps=100, save_total_limit=0)
-    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
-    assert run_train(base_config(tiny_model, straight, **cfg), tmp_path).returncode == 0
-    for stop_at in (5, 12):
-        proc = run_train(base_config(tiny_model, resumed, **cfg), tmp_path, "--stop-at-step", str(stop_at))
-        assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "resumed from" in proc.stderr
+    straight, resumed, _, _ = straight_and_resumed(tiny_model, tmp_path, cfg, (5, 12))
     assert train_rows(straight) == train_rows(resumed) and len(train_rows(straight)) == 12
     a = load_file(straight / "checkpoint-12" / "model.safetensors")
     b = load_file(resumed / "checkpoint-12" / "model.safetensors")

@@ -12,12 +12,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import CV_AS, CV_EN, ROOT, base_config, metrics, run_train
+from conftest import CV_AS, CV_EN, ROOT, base_config, metrics, run_train, straight_and_resumed, train_rows
 from whisper_ft.config import Config, ConfigError, _installed, load_config
-
-
-def train_rows(out):
-    return [(r["step"], r["loss"], r["lr"]) for r in metrics(out) if "loss" in r]
 
 
 # ---- config: refused up front, all problems in one message ------------------------------------------
@@ -140,21 +136,15 @@ def test_lora_resume_is_step_exact_with_spec_augment(tiny_model, tmp_path):
     """LoRA with dropout and SpecAugment (both draw random numbers) and accumulation: 6 steps straight ==
     2 + resume + 2 + resume + 2, bit for bit; checkpoints hold the adapter weights only; the best
     checkpoint is reloaded through them and exported merged."""
-    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
     # greater_is_better on the loss picks the worst step as "best": an earlier step than the last, so the
     # export goes through the best-model reload (accelerator.load_state of an adapter-only checkpoint)
     cfg = dict(gradient_accumulation_steps=2, save_steps=2, eval_steps=2, max_steps=6, save_total_limit=0,
                lora_r=4, lora_dropout=0.1, apply_spec_augment=True, mask_time_prob=0.2, mask_feature_prob=0.2,
                greater_is_better=True)
-    proc = run_train(base_config(tiny_model, straight, **cfg), tmp_path)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    straight, resumed, first, proc = straight_and_resumed(tiny_model, tmp_path, cfg, (2, 4, 6))
     # rank 4 adds 4 x (in + out) per Linear: per encoder layer 4 x 64x64 attention + 64x256 + 256x64 = 4608,
     # per decoder layer 8 attention (self and cross) + the two = 6656; two layers each; base 512,192
-    assert "training 22,528 of 534,720 parameters (4.21%); LoRA rank 4" in proc.stderr
-    for stop_at in (2, 4, 6):
-        proc = run_train(base_config(tiny_model, resumed, **cfg), tmp_path, "--stop-at-step", str(stop_at))
-        assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "resumed from" in proc.stderr
+    assert "training 22,528 of 534,720 parameters (4.21%); LoRA rank 4" in first.stderr
     assert train_rows(straight) == train_rows(resumed) and len(train_rows(straight)) == 6
     a = load_file(straight / "checkpoint-6" / "model.safetensors")
     b = load_file(resumed / "checkpoint-6" / "model.safetensors")
