@@ -139,7 +139,9 @@ def setup(run: Run) -> None:
     say(device.describe(accelerator))
     set_seed(cfg.seed)
     run.lang = resolve(cfg.lang)
-    run.processor, model = speed.load_fastest(load_whisper, cfg, run.lang, accelerator.mixed_precision, say)
+    # fp32, or bf16 for a LoRA run's frozen base under bf16 (trainable.base_dtype)
+    run.processor, model = speed.load_fastest(load_whisper, cfg, run.lang, accelerator.mixed_precision, say,
+                                              dtype=trainable.base_dtype(cfg, accelerator.mixed_precision))
     model.config.use_cache = False  # caching is for generation; in training it only costs memory
     speed.set_gradient_checkpointing(model, cfg.gradient_checkpointing)  # non-reentrant: fine with frozen weights
     model = trainable.setup_model(model, cfg, say)  # SpecAugment, freeze_encoder, LoRA
@@ -390,7 +392,7 @@ def finish(run: Run) -> None:
     full = accelerator.get_state_dict(run.model) if sharding.is_sharded(accelerator) else None
     if accelerator.is_main_process:
         # LoRA merged into the base: a plain Whisper folder (the adapter beside it with lora_save_adapter)
-        model = trainable.exportable(accelerator.unwrap_model(run.model), cfg, out)
+        model = trainable.exportable(accelerator.unwrap_model(run.model), cfg, out, run.lang)
         checkpoint.export_model(model, run.processor, out, full)
         worse = hub.publish(cfg, run.lang, state, out, run.say)
         run.log.log(state.step, {"bad_samples_by_reason": dict(state.bad.counts), "bad_samples": state.bad.total,

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -75,6 +76,8 @@ def main() -> None:
                 logged = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()
                           if '"loss"' in line]
                 rows.append((mode, logged[-1].get("peak_gpu_memory_gb"), logged[-1]["samples_per_second"], ""))
+            # large-v3's final checkpoint and export take up to 24 GB per mode: a 64 GB disk fills by the fourth
+            shutil.rmtree(out, ignore_errors=True)
             print(f"{mode}: {rows[-1][1:]}", file=sys.stderr, flush=True)  # kept if a later mode is cut off
     print(f"\n{args.shape} shape, batch {args.batch}, gradient checkpointing, {'fp32 CPU' if args.cpu else 'bf16'}, "
           f"torch_compile {args.torch_compile}")

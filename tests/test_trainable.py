@@ -96,6 +96,70 @@ def test_unknown_lora_target_or_too_long_feature_mask_is_a_model_error(tiny_mode
         trainable.setup_model(model, Config(apply_spec_augment=True, mask_feature_length=81), print)
 
 
+def test_a_checkpoint_stored_in_fp16_is_loaded_in_fp32(tiny_model, tmp_path):
+    """large-v3 and large-v3-turbo are stored in fp16 and transformers 5 loads a checkpoint in its stored dtype:
+    a run would train fp16 weights (and on the CPU fail at the first conv). load_whisper asks for fp32."""
+    import shutil
+
+    from transformers import WhisperForConditionalGeneration
+
+    from whisper_ft.languages import resolve
+    from whisper_ft.model import load_whisper
+
+    half = tmp_path / "half"
+    shutil.copytree(tiny_model, half)
+    WhisperForConditionalGeneration.from_pretrained(tiny_model).half().save_pretrained(half)
+    assert WhisperForConditionalGeneration.from_pretrained(half).dtype == torch.float16  # what the bug was
+    _, model = load_whisper(str(half), resolve("en"), "transcribe")
+    assert {p.dtype for p in model.parameters()} == {torch.float32}
+
+
+def test_lora_under_bf16_trains_a_bf16_base_and_exports_an_fp32_merge(tiny_model, tmp_path):
+    """LoRA under bf16: the frozen base is held in bf16 (half the memory), the adapters and their gradients in
+    fp32, and the export merges the adapters into an fp32 reload of the base: exactly the merge into the
+    fp32 base, not its bf16 rounding."""
+    from transformers import WhisperForConditionalGeneration
+
+    from whisper_ft import trainable
+    from whisper_ft.languages import resolve
+    from whisper_ft.model import load_whisper
+
+    cfg = Config(whisper_pretrained=str(tiny_model), lang="en", lora_r=4, lora_dropout=0.0)
+    assert trainable.base_dtype(cfg, "bf16") == torch.bfloat16
+    assert trainable.base_dtype(cfg, "fp16") == trainable.base_dtype(cfg, "no") == torch.float32
+    assert trainable.base_dtype(Config(), "bf16") == torch.float32  # a full fine-tune keeps fp32 master weights
+
+    _, base = load_whisper(str(tiny_model), resolve("en"), "transcribe", dtype=trainable.base_dtype(cfg, "bf16"))
+    model = trainable.setup_model(base, cfg, print)
+    dtypes = {n: p.dtype for n, p in model.named_parameters()}
+    assert {d for n, d in dtypes.items() if "lora_" in n} == {torch.float32}
+    assert {d for n, d in dtypes.items() if "lora_" not in n} == {torch.bfloat16}
+    torch.manual_seed(0)
+    with torch.no_grad():  # a trained adapter: lora_B starts at zero, which would merge to nothing
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(std=0.05)
+    model.train()
+    features = torch.randn(2, 80, 3000)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = model(input_features=features, labels=torch.tensor([[5, 6, 7], [8, 9, 10]])).loss
+    loss.backward()
+    grads = [p.grad for p in model.parameters() if p.requires_grad]
+    assert all(g is not None and g.dtype == torch.float32 for g in grads) and any(g.abs().sum() > 0 for g in grads)
+
+    adapter = {n: p.detach().clone() for n, p in model.named_parameters() if "lora_" in n}
+    merged = trainable.exportable(model, cfg, tmp_path, resolve("en")).state_dict()
+    reference = trainable.add_lora(WhisperForConditionalGeneration.from_pretrained(tiny_model), cfg)
+    assert not reference.load_state_dict(adapter, strict=False).unexpected_keys
+    expected = reference.merge_and_unload().state_dict()
+    assert merged.keys() == expected.keys() and all(torch.equal(merged[k], expected[k]) for k in expected)
+    plain = WhisperForConditionalGeneration.from_pretrained(tiny_model).state_dict()
+    q = "model.decoder.layers.0.self_attn.q_proj.weight"
+    assert merged[q].dtype == torch.float32 and not torch.equal(merged[q], plain[q])  # the update is in it
+    # and it is not the bf16 rounding of that merge
+    assert not torch.equal(merged[q], merged[q].bfloat16().float())
+
+
 # ---- SpecAugment ------------------------------------------------------------------------------------
 
 

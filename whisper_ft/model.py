@@ -39,13 +39,19 @@ logging.getLogger("transformers.generation.utils").addFilter(_WhisperInternalKwa
 
 
 def load_whisper(pretrained: str, lang, task: str, *, cache_dir: str = "", token: str = "",
-                 attn_implementation: str | None = None):
+                 attn_implementation: str | None = None, dtype=None):
     """(processor, model) with language and task set in both places that matter
-    (DESIGN: language and task in two places)."""
+    (DESIGN: language and task in two places).
+
+    The weights come in fp32 unless dtype says otherwise, whatever the checkpoint stores: transformers 5 would
+    load large-v3 and large-v3-turbo (stored in fp16) as fp16, and a run would then train fp16 weights
+    (DESIGN: checkpoint dtype)."""
+    import torch
+
     processor = from_pretrained(WhisperProcessor, pretrained, cache_dir=cache_dir or None, token=token or None)
     extra = {"attn_implementation": attn_implementation} if attn_implementation else {}
     model = from_pretrained(WhisperForConditionalGeneration, pretrained, cache_dir=cache_dir or None,
-                            token=token or None, **extra)
+                            token=token or None, dtype=dtype or torch.float32, **extra)
     configure_language(processor, model, lang, task)
     return processor, model
 

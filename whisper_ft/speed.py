@@ -38,18 +38,18 @@ def attention_implementation(mixed_precision: str) -> str:
     return "sdpa"
 
 
-def load_fastest(load_whisper, cfg, lang, mixed_precision: str, say):
+def load_fastest(load_whisper, cfg, lang, mixed_precision: str, say, dtype=None):
     """load_whisper with the fastest attention; if flash_attention_2 will not load, sdpa (said once)."""
     wanted = attention_implementation(mixed_precision)
     try:
         return load_whisper(cfg.whisper_pretrained, lang, cfg.task, cache_dir=cfg.model_cache, token=cfg.hf_token,
-                            attn_implementation=wanted)
+                            attn_implementation=wanted, dtype=dtype)
     except Exception as e:  # noqa: BLE001 - a broken flash_attn install; a real load error raises again below
         if wanted == "sdpa":
             raise
         say(f"attention: {wanted} did not load ({str(e).splitlines()[0][:200]}); using sdpa")
         return load_whisper(cfg.whisper_pretrained, lang, cfg.task, cache_dir=cfg.model_cache, token=cfg.hf_token,
-                            attn_implementation="sdpa")
+                            attn_implementation="sdpa", dtype=dtype)
 
 
 def set_gradient_checkpointing(model, setting: str) -> None:
