@@ -144,12 +144,15 @@ def test_flop_formula_matches_torch_flop_counter(tiny_model):
     assert abs(formula - measured) / measured < 0.03, (formula, measured)
 
 
-def test_static_cache_generation_gives_the_same_transcripts(tiny_model):
-    """Every greedy prediction over the English corpus: dynamic cache (eager) vs static cache, the path used
-    with torch_compile on a GPU (where transformers also compiles its decoder step)."""
+@pytest.mark.parametrize("which", ["random", "learned"])
+def test_greedy_decoding_gives_the_tokens_of_generate(which, tiny_model, request):
+    """Every greedy prediction over the English corpus: evaluation's own decoding loop (whisper_ft.greedy) vs
+    transformers' generate() with its dynamic cache (eager) and with the static cache it compiles on a GPU
+    (the fallback path), on a random model (every row runs to max_length) and on one that learned the clips
+    (rows end at EOS, at different lengths)."""
     from accelerate import Accelerator
 
-    from whisper_ft import batches
+    from whisper_ft import batches, greedy
     from whisper_ft.config import Config
     from whisper_ft.data import Prepare
     from whisper_ft.evaluation import evaluate
@@ -158,25 +161,71 @@ def test_static_cache_generation_gives_the_same_transcripts(tiny_model):
     from whisper_ft.sources import load_records
     from whisper_ft.speed import generation_speedups
 
-    processor, model = load_whisper(str(tiny_model), resolve("en"), "transcribe")
+    path = tiny_model if which == "random" else request.getfixturevalue("learned_run")[0]
+    processor, model = load_whisper(str(path), resolve("en"), "transcribe")
     model.config.use_cache = False  # as in training: generation must still use its cache
-    static_caches = []
-    real = model._prepare_static_cache
-    model._prepare_static_cache = lambda *a, **k: static_caches.append(1) or real(*a, **k)
     records = load_records(str(CV_EN), "train")  # 25 clips: batches of 8, 8, 8, 1 (a smaller last batch too)
     prepare = Prepare(processor.feature_extractor, processor.tokenizer)
     cfg = Config(per_device_eval_batch_size=8, dataloader_num_workers=0)
     loader = batches.eval_loader(records, prepare, Collator(model.config.decoder_start_token_id), cfg, 0, 1)
-    accelerator = Accelerator(cpu=True)
-    base = generate_kwargs(model, 30)
-    _, eager_rows, _ = evaluate(model, loader, processor.tokenizer, accelerator, generate_kwargs=base)
-    assert not static_caches
-    _, static_rows, _ = evaluate(model, loader, processor.tokenizer, accelerator,
-                                 generate_kwargs={**base, **generation_speedups(compile_on=True)})
-    assert static_caches  # the static cache really ran
-    assert len(eager_rows) == len(records) == 25
-    assert [r["prediction"] for r in static_rows] == [r["prediction"] for r in eager_rows]
-    assert sum(len(r["prediction"]) for r in eager_rows) > 0  # a random model says something, not nothing
+    kwargs = generate_kwargs(model, 30)
+    _, rows, _ = evaluate(model, loader, processor.tokenizer, accelerator=Accelerator(cpu=True), generate_kwargs=kwargs)
+    assert list(model._whisper_ft_greedy.values())[0] is not None  # our loop ran, and did not fall back
+
+    ours = greedy.Greedy(model, processor.tokenizer.prefix_tokens, kwargs)
+    eos = model.generation_config.eos_token_id
+    expected, ended_early = {}, 0
+    for batch in loader:
+        features = batch["input_features"]
+        mask = torch.ones(features.shape[::2], dtype=torch.long)
+        dynamic = model.generate(input_features=features, attention_mask=mask, **kwargs)
+        static = model.generate(input_features=features, attention_mask=mask, **kwargs, **generation_speedups(True))
+        tokens = ours(features)
+        for a, b, c in zip(dynamic.tolist(), static.tolist(), tokens.tolist()):
+            ended = [t for t in a[: a.index(eos) + 1]] if eos in a else a  # generate pads ended rows
+            assert ended == b[: len(ended)] == c[: len(ended)] and set(c[len(ended):]) <= {eos}
+            ended_early += eos in a and len(ended) < 30 + len(processor.tokenizer.prefix_tokens)
+        expected.update(zip(batch["ids"], processor.tokenizer.batch_decode(dynamic, skip_special_tokens=True)))
+    assert len(rows) == len(records) == 25
+    assert [r["prediction"] for r in rows] == [expected[r["id"]].strip() for r in rows]
+    assert sum(len(r["prediction"]) for r in rows) > 0  # the model says something, not nothing
+    if which == "learned":
+        assert ended_early >= 20  # the EOS path: a model that reads the clips stops before max_length
+
+
+def test_greedy_decoding_falls_back_to_generate_once(tiny_model, monkeypatch):
+    """A transformers release that changes the decoder's interface breaks our loop, not the evaluation: one
+    warning, then generate() for this and every later batch."""
+    from accelerate import Accelerator
+
+    from whisper_ft import batches, greedy
+    from whisper_ft.config import Config
+    from whisper_ft.data import Prepare
+    from whisper_ft.evaluation import evaluate
+    from whisper_ft.languages import resolve
+    from whisper_ft.model import generate_kwargs, load_whisper
+    from whisper_ft.sources import load_records
+
+    processor, model = load_whisper(str(tiny_model), resolve("en"), "transcribe")
+    records = load_records(str(CV_EN), "train")[:12]
+    prepare = Prepare(processor.feature_extractor, processor.tokenizer)
+    loader = batches.eval_loader(records, prepare, Collator(model.config.decoder_start_token_id),
+                                 Config(per_device_eval_batch_size=4, dataloader_num_workers=0), 0, 1)
+    accelerator, kwargs = Accelerator(cpu=True), generate_kwargs(model, 20)
+    _, reference, _ = evaluate(model, loader, processor.tokenizer, accelerator, generate_kwargs=kwargs)
+    del model._whisper_ft_greedy
+    calls = []
+
+    def broken(self, features):
+        calls.append(1)
+        raise TypeError("forward() got an unexpected keyword argument 'cache'")
+
+    monkeypatch.setattr(greedy.Greedy, "__call__", broken)
+    with pytest.warns(UserWarning, match="greedy decoding failed .TypeError: forward.. got an unexpected keyword "
+                                         "argument 'cache'.; evaluating with generate.. instead") as caught:
+        _, rows, _ = evaluate(model, loader, processor.tokenizer, accelerator, generate_kwargs=kwargs)
+    assert len(calls) == 1 and len([w for w in caught if "greedy decoding failed" in str(w.message)]) == 1
+    assert rows == reference
 
 
 def test_eval_batches_are_ordered_by_length():

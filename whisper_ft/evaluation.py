@@ -59,12 +59,13 @@ def evaluate(model, loader, tokenizer, accelerator, *, generate_kwargs: dict[str
     (DESIGN: duplicated evaluation samples).
     With generate_kwargs None only the loss is computed.
     """
-    from whisper_ft import sharding
+    from whisper_ft import greedy, sharding
 
     was_training = model.training
     model.eval()
     unwrapped = accelerator.unwrap_model(model)
     shift_right = decoder_inputs(unwrapped.config)
+    generate = None if generate_kwargs is None else greedy.decoder_for(unwrapped, tokenizer, generate_kwargs)
     rows, bad, loss_sum, tokens = [], [], 0.0, 0
     batches: Any = loader
     if sharded := sharding.is_sharded(accelerator):  # FSDP, ZeRO-3: every forward needs every process
@@ -86,9 +87,7 @@ def evaluate(model, loader, tokenizer, accelerator, *, generate_kwargs: dict[str
         labels = batch["labels"].to(accelerator.device, non_blocking=True)
         with sharding.fsdp1_root_weights(accelerator, model), accelerator.autocast():
             logits = unwrapped(input_features=features, decoder_input_ids=shift_right(labels)).logits
-            generated = None if generate_kwargs is None else unwrapped.generate(
-                input_features=features, **generate_kwargs,
-                attention_mask=torch.ones(features.shape[::2], dtype=torch.long, device=features.device))
+            generated = None if generate is None else generate(features)
         if not batch["ids"]:  # a placeholder (sharded modes): it only kept this process in step
             continue
         loss_sum += token_loss_sum(logits, labels).item()
