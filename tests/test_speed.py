@@ -173,6 +173,7 @@ def test_greedy_decoding_gives_the_tokens_of_generate(which, tiny_model, request
     assert list(model._whisper_ft_greedy.values())[0] is not None  # our loop ran, and did not fall back
 
     ours = greedy.Greedy(model, processor.tokenizer.prefix_tokens, kwargs)
+    padded = greedy.Greedy(model, processor.tokenizer.prefix_tokens, kwargs, rows=8)  # as with a compiled step
     eos = model.generation_config.eos_token_id
     expected, ended_early = {}, 0
     for batch in loader:
@@ -181,6 +182,7 @@ def test_greedy_decoding_gives_the_tokens_of_generate(which, tiny_model, request
         dynamic = model.generate(input_features=features, attention_mask=mask, **kwargs)
         static = model.generate(input_features=features, attention_mask=mask, **kwargs, **generation_speedups(True))
         tokens = ours(features)
+        assert torch.equal(padded(features), tokens)  # the last batch (1 clip) padded to 8: same tokens, same stop
         for a, b, c in zip(dynamic.tolist(), static.tolist(), tokens.tolist()):
             ended = [t for t in a[: a.index(eos) + 1]] if eos in a else a  # generate pads ended rows
             assert ended == b[: len(ended)] == c[: len(ended)] and set(c[len(ended):]) <= {eos}

@@ -65,7 +65,8 @@ def evaluate(model, loader, tokenizer, accelerator, *, generate_kwargs: dict[str
     model.eval()
     unwrapped = accelerator.unwrap_model(model)
     shift_right = decoder_inputs(unwrapped.config)
-    generate = None if generate_kwargs is None else greedy.decoder_for(unwrapped, tokenizer, generate_kwargs)
+    generate = None if generate_kwargs is None else \
+        greedy.decoder_for(unwrapped, tokenizer, generate_kwargs, rows=getattr(loader, "batch_size", None) or 0)
     rows, bad, loss_sum, tokens = [], [], 0.0, 0
     batches: Any = loader
     if sharded := sharding.is_sharded(accelerator):  # FSDP, ZeRO-3: every forward needs every process

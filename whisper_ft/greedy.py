@@ -24,11 +24,12 @@ CHECK_EVERY = 8  # tokens between "have all rows ended?" checks: each check wait
 
 
 class Greedy:
-    def __init__(self, model, prefix: list[int], generate_kwargs: dict[str, Any]):
+    def __init__(self, model, prefix: list[int], generate_kwargs: dict[str, Any], rows: int = 0):
+        """rows: pad smaller batches to this many rows (for a compiled step: one shape, one CUDA graph)."""
         from whisper_ft.config import MAX_TARGET_POSITIONS
 
         gen = model.generation_config
-        self.model, self.prefix = model, list(prefix)
+        self.model, self.prefix, self.rows = model, list(prefix), rows
         # generate() adds the prompt to max_length, capped at the decoder's positions (DESIGN: label length)
         self.total = min(generate_kwargs["max_length"] + len(self.prefix), MAX_TARGET_POSITIONS)
         self.eos = gen.eos_token_id if isinstance(gen.eos_token_id, int) else gen.eos_token_id[0]
@@ -75,6 +76,11 @@ class Greedy:
     @torch.no_grad()
     def __call__(self, input_features: torch.Tensor) -> torch.Tensor:
         """(batch, prompt + new tokens): the prompt, then greedy tokens; rows that ended hold EOS after it."""
+        real = input_features.shape[0]
+        if real < self.rows:  # an eval set's last batch, or one with bad samples dropped: silent rows, ended from
+            # the start, rather than a new shape that recompiles the step (DESIGN: recompiling on batch size)
+            input_features = torch.cat([input_features, input_features.new_zeros(self.rows - real,
+                                                                                 *input_features.shape[1:])])
         device, batch = input_features.device, input_features.shape[0]
         encoder_states = self.model.get_encoder()(input_features).last_hidden_state
         cache = self._cache(batch, encoder_states.shape[1])
@@ -85,7 +91,7 @@ class Greedy:
         logits = self._logits(tokens, encoder_states, cache, positions)
         suppress, begin = self.suppress.to(device), self.begin_suppress.to(device)
         step = self.compiled or self._logits
-        out, ended = [tokens], torch.zeros(batch, dtype=torch.bool, device=device)
+        out, ended = [tokens], torch.arange(batch, device=device) >= real
         for i in range(self.total - n):
             logits = logits.masked_fill(begin if i == 0 else suppress, float("-inf"))
             token = torch.where(ended, self.eos, logits.argmax(-1))
@@ -97,12 +103,14 @@ class Greedy:
             logits = step(token[:, None], encoder_states, cache, positions)
             if self.compiled is not None:
                 logits = logits.clone()  # a CUDA graph's output is overwritten by its next replay
-        return torch.cat(out, dim=1)
+        return torch.cat(out, dim=1)[:real]
 
 
-def decoder_for(model, tokenizer, generate_kwargs: dict[str, Any]):
+def decoder_for(model, tokenizer, generate_kwargs: dict[str, Any], rows: int = 0):
     """features -> token ids: Greedy where it covers the settings, else model.generate(**generate_kwargs).
 
+    rows: the loader's batch size; with a compiled step (cache_implementation "static") every batch is padded
+    to it.
     One Greedy per model and settings, so a compiled step is compiled once per run, not once per evaluation.
     If Greedy fails (a transformers release that changed the decoder's interface), evaluation warns once and
     goes on with generate(): slower, the same transcripts.
@@ -115,10 +123,11 @@ def decoder_for(model, tokenizer, generate_kwargs: dict[str, Any]):
 
     if not Greedy.supports(model, generate_kwargs):
         return generate
-    key = (tuple(tokenizer.prefix_tokens), tuple(sorted(generate_kwargs.items())))
+    rows = rows if generate_kwargs.get("cache_implementation") == "static" else 0
+    key = (tuple(tokenizer.prefix_tokens), tuple(sorted(generate_kwargs.items())), rows)
     greedy = getattr(model, "_whisper_ft_greedy", {})
     if key not in greedy:
-        greedy[key] = Greedy(model, tokenizer.prefix_tokens, generate_kwargs)
+        greedy[key] = Greedy(model, tokenizer.prefix_tokens, generate_kwargs, rows)
         model._whisper_ft_greedy = greedy
 
     def decode(features):
