@@ -280,6 +280,27 @@ def test_compiled_training_matches_eager_per_step(tiny_model_1layer, tmp_path):
         assert math.isfinite(eager) and abs(compiled - eager) <= 1e-4 * abs(eager), (losses, time.perf_counter() - started)
 
 
+def test_graphs_compiled_elsewhere_are_not_recompilations_of_the_training_forward(monkeypatch):
+    """dynamo's graph counter is per process: evaluation's compiled decoder step must not show up as
+    recompilations of the training forward (the figure that says whether shapes are bucketed)."""
+    from whisper_ft import speed
+
+    count = [0]
+    monkeypatch.setattr(speed, "_graphs", lambda: count[0])
+
+    def compiled(new_graphs):
+        count[0] += new_graphs
+        return new_graphs
+
+    forward = speed.CompiledForward(None, enabled=False, say=print)
+    forward.compiled = compiled
+    assert forward.stats() == {}
+    forward(new_graphs=2)  # the first call: a forward graph and a graph break
+    count[0] += 5  # evaluation compiles its decoder step
+    forward(new_graphs=0), forward(new_graphs=1)  # then a new label bucket
+    assert forward.stats() == {"compiled_graphs": 3, "recompiled_graphs": 1}
+
+
 def test_compile_failure_falls_back_to_eager_once(tiny_model):
     from transformers import WhisperForConditionalGeneration
 

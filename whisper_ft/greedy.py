@@ -26,6 +26,8 @@ CHECK_EVERY = 8  # tokens between "have all rows ended?" checks: each check wait
 class Greedy:
     def __init__(self, model, prefix: list[int], generate_kwargs: dict[str, Any], rows: int = 0):
         """rows: pad smaller batches to this many rows (for a compiled step: one shape, one CUDA graph)."""
+        from transformers import WhisperForConditionalGeneration
+
         from whisper_ft.config import MAX_TARGET_POSITIONS
 
         gen = model.generation_config
@@ -38,8 +40,6 @@ class Greedy:
         self.suppress[[t for t in gen.suppress_tokens or [] if t < vocab]] = True
         self.begin_suppress = self.suppress.clone()
         self.begin_suppress[[t for t in gen.begin_suppress_tokens or [] if t < vocab]] = True
-        from transformers import WhisperForConditionalGeneration
-
         forward = inspect.signature(WhisperForConditionalGeneration.forward).parameters  # model may be a PeftModel
         self.cache_arg = "cache" if "cache" in forward else "past_key_values"  # renamed within transformers 5
         self.caches: dict[tuple[int, int], Any] = {}
@@ -52,8 +52,8 @@ class Greedy:
         gen = model.generation_config
         plain = set(generate_kwargs) <= {"max_length", "force_unique_generate_call", "language", "task",
                                          "cache_implementation"}
-        return plain and gen.num_beams in (None, 1) and not gen.do_sample and not getattr(gen, "return_timestamps", False) \
-            and getattr(gen, "no_speech_threshold", None) is None and gen.decoder_start_token_id is not None
+        return (plain and gen.num_beams in (None, 1) and not gen.do_sample and gen.decoder_start_token_id is not None
+                and not getattr(gen, "return_timestamps", False) and getattr(gen, "no_speech_threshold", None) is None)
 
     def _logits(self, tokens, encoder_states, cache, positions):
         out = self.model(encoder_outputs=(encoder_states,), decoder_input_ids=tokens, decoder_position_ids=positions,
@@ -110,8 +110,7 @@ def decoder_for(model, tokenizer, generate_kwargs: dict[str, Any], rows: int = 0
     """features -> token ids: Greedy where it covers the settings, else model.generate(**generate_kwargs).
 
     rows: the loader's batch size; with a compiled step (cache_implementation "static") every batch is padded
-    to it.
-    One Greedy per model and settings, so a compiled step is compiled once per run, not once per evaluation.
+    to it. One Greedy per model and settings, so a compiled step is compiled once per run, not once per evaluation.
     If Greedy fails (a transformers release that changed the decoder's interface), evaluation warns once and
     goes on with generate(): slower, the same transcripts.
     """

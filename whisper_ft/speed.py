@@ -79,7 +79,7 @@ class CompiledForward:
 
     def __init__(self, model, enabled: bool, say: Callable[[str], None]):
         self.model, self.say = model, say
-        self.compiled, self.first_graphs = None, None
+        self.compiled, self.graphs = None, None  # graphs compiled by the first call, and by later ones
         if enabled:
             # Label lengths are padded to a few buckets (collate.LABEL_BUCKETS) and batches to full size, so
             # static shapes compile a handful of graphs (DESIGN: recompiling on batch size).
@@ -95,9 +95,11 @@ class CompiledForward:
         if self.compiled is None:
             return self.model(**inputs)
         try:
+            # counted around this call only: evaluation's decoder step (whisper_ft.greedy) compiles its own graphs
+            before = _graphs()
             out = self.compiled(**inputs)
-            if self.first_graphs is None:
-                self.first_graphs = _graphs()
+            self.graphs = (_graphs() - before, 0) if self.graphs is None else \
+                (self.graphs[0], self.graphs[1] + _graphs() - before)
             return out
         except torch.OutOfMemoryError:
             raise
@@ -107,13 +109,12 @@ class CompiledForward:
                      "training continues eagerly (set torch_compile: false to skip the attempt)")
             return self.model(**inputs)
 
-
     def stats(self) -> dict[str, int]:
-        """Graphs compiled in this process, and how many came after the first call: recompilations for a new
+        """Graphs this forward compiled, and how many came after the first call: recompilations for a new
         label bucket or batch size. A count that keeps growing means shapes are not bucketed."""
-        if self.first_graphs is None:
+        if self.graphs is None:
             return {}
-        return {"compiled_graphs": _graphs(), "recompiled_graphs": _graphs() - self.first_graphs}
+        return {"compiled_graphs": sum(self.graphs), "recompiled_graphs": self.graphs[1]}
 
 
 def _graphs() -> int:

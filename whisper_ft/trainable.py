@@ -2,8 +2,8 @@
 hold only the trainable weights, and the plain Whisper model that comes out at the end.
 
 These are the settings that let whisper-large-v3 fine-tune on a 12-24 GB card. train_loop.py loads the base
-in base_dtype(), calls setup_model() and build_optimizer() before accelerator.prepare, keep_trainable_only() after it, and
-exportable() before the final export; everything else in the loop is the same for every mode.
+in base_dtype(), calls setup_model() and build_optimizer() before accelerator.prepare, keep_trainable_only()
+after it, and exportable() before the final export; everything else in the loop is the same for every mode.
 """
 
 from __future__ import annotations
