@@ -170,7 +170,8 @@ def test_greedy_decoding_gives_the_tokens_of_generate(which, tiny_model, request
     loader = batches.eval_loader(records, prepare, Collator(model.config.decoder_start_token_id), cfg, 0, 1)
     kwargs = generate_kwargs(model, 30)
     _, rows, _ = evaluate(model, loader, processor.tokenizer, accelerator=Accelerator(cpu=True), generate_kwargs=kwargs)
-    assert list(model._whisper_ft_greedy.values())[0] is not None  # our loop ran, and did not fall back
+    [used] = model._whisper_ft_greedy.values()
+    assert used is not None and used.caches == {}  # our loop ran, did not fall back, and freed its caches
 
     ours = greedy.Greedy(model, processor.tokenizer.prefix_tokens, kwargs)
     padded = greedy.Greedy(model, processor.tokenizer.prefix_tokens, kwargs, rows=8)  # as with a compiled step

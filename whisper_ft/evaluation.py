@@ -66,7 +66,7 @@ def evaluate(model, loader, tokenizer, accelerator, *, generate_kwargs: dict[str
     unwrapped = accelerator.unwrap_model(model)
     shift_right = decoder_inputs(unwrapped.config)
     generate = None if generate_kwargs is None else \
-        greedy.decoder_for(unwrapped, tokenizer, generate_kwargs, rows=getattr(loader, "batch_size", None) or 0)
+        greedy.Decoding(unwrapped, tokenizer, generate_kwargs, rows=getattr(loader, "batch_size", None) or 0)
     rows, bad, loss_sum, tokens = [], [], 0.0, 0
     batches: Any = loader
     if sharded := sharding.is_sharded(accelerator):  # FSDP, ZeRO-3: every forward needs every process
@@ -99,6 +99,8 @@ def evaluate(model, loader, tokenizer, accelerator, *, generate_kwargs: dict[str
             tokenizer.batch_decode(generated, skip_special_tokens=True)
         rows += [{"id": i, "reference": r.strip(), "prediction": p.strip()}
                  for i, r, p in zip(batch["ids"], references, predictions)]
+    if generate is not None:
+        generate.close()
     model.train(was_training)
 
     gathered = gather_object([(rows, bad, loss_sum, tokens)])
