@@ -185,7 +185,7 @@ def test_greedy_decoding_gives_the_tokens_of_generate(which, tiny_model, request
         tokens = ours(features)
         assert torch.equal(padded(features), tokens)  # the last batch (1 clip) padded to 8: same tokens, same stop
         for a, b, c in zip(dynamic.tolist(), static.tolist(), tokens.tolist()):
-            ended = [t for t in a[: a.index(eos) + 1]] if eos in a else a  # generate pads ended rows
+            ended = a[: a.index(eos) + 1] if eos in a else a  # generate pads ended rows
             assert ended == b[: len(ended)] == c[: len(ended)] and set(c[len(ended):]) <= {eos}
             ended_early += eos in a and len(ended) < 30 + len(processor.tokenizer.prefix_tokens)
         expected.update(zip(batch["ids"], processor.tokenizer.batch_decode(dynamic, skip_special_tokens=True)))
