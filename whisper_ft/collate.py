@@ -42,10 +42,14 @@ class Collator:
         extra = max(0, self.rows - len(good))
         labels += [[]] * extra
         batch["labels"] = torch.tensor([x + [IGNORE_INDEX] * (width - len(x)) for x in labels], dtype=torch.long)
-        if extra:
-            batch["input_features"] = torch.cat([batch["input_features"],
-                                                 batch["input_features"].new_zeros(extra, *batch["input_features"].shape[1:])])
+        batch["input_features"] = zero_rows(batch["input_features"], self.rows)
         return batch
+
+
+def zero_rows(features: torch.Tensor, rows: int) -> torch.Tensor:
+    """features with rows of zeros appended up to `rows` (a compiled model's one batch size); as is if not short."""
+    short = rows - len(features)
+    return torch.cat([features, features.new_zeros(short, *features.shape[1:])]) if short > 0 else features
 
 
 def decoder_inputs(config) -> Callable[[torch.Tensor], torch.Tensor]:

@@ -76,11 +76,11 @@ class Greedy:
     @torch.no_grad()
     def __call__(self, input_features: torch.Tensor) -> torch.Tensor:
         """(batch, prompt + new tokens): the prompt, then greedy tokens; rows that ended hold EOS after it."""
-        real = input_features.shape[0]
-        if real < self.rows:  # an eval set's last batch, or one with bad samples dropped: silent rows, ended from
-            # the start, rather than a new shape that recompiles the step (DESIGN: recompiling on batch size)
-            input_features = torch.cat([input_features, input_features.new_zeros(self.rows - real,
-                                                                                 *input_features.shape[1:])])
+        from whisper_ft.collate import zero_rows
+
+        # an eval set's last batch, or one with bad samples dropped: silent rows, ended from the start, rather
+        # than a new shape that recompiles the step (DESIGN: recompiling on batch size)
+        real, input_features = input_features.shape[0], zero_rows(input_features, self.rows)
         device, batch = input_features.device, input_features.shape[0]
         encoder_states = self.model.get_encoder()(input_features).last_hidden_state
         cache = self._cache(batch, encoder_states.shape[1])
