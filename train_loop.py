@@ -87,6 +87,9 @@ class Run:
     shift_right: Any = None  # labels -> decoder input ids
     stopper: Any = None  # stopping.GracefulStop
     bar: Any = None
+    window: Any = None  # speed.Window: what the next log line reports
+    pending: Any = None  # Queued: the last step, until settle() reads its loss back
+    skips_on_device: bool = False  # a NaN/inf step is skipped without a read-back (trainable.skips_on_device)
     named_eval_bad: set[str] = field(default_factory=set)  # eval sets whose unusable samples were named
 
 
@@ -160,6 +163,7 @@ def setup(run: Run) -> None:
     sharding.configure_deepspeed(accelerator, cfg, say)  # micro-batch, accumulation, clipping: ours, not DeepSpeed's
     run.model, run.optimizer = accelerator.prepare(model, optimizer)
     trainable.keep_trainable_only(accelerator, cfg)  # checkpoints of LoRA/frozen runs skip the frozen base
+    run.skips_on_device = trainable.skips_on_device(run.optimizer, accelerator)
     run.forward = speed.CompiledForward(run.model, run.compile_on, lambda m: say(m, to_bar=True))
     say(f"attention {accelerator.unwrap_model(run.model).config._attn_implementation}, "
         f"torch_compile {'on' if run.compile_on else 'off'}, gradient checkpointing {cfg.gradient_checkpointing}")
@@ -234,23 +238,28 @@ def fit(run: Run) -> None:
         evaluate(run, state.step)
     run.model.train()
     run.bar = progress_bar(cfg.max_steps, state.step, accelerator.is_main_process)
-    window = speed.Window()
+    run.window = speed.Window()
     throughput = speed.Throughput(accelerator.unwrap_model(run.model).config, accelerator.num_processes)
     nan_steps = stopping.injected_nan_steps()
     while state.step < cfg.max_steps:
-        step_loss, lr, grad_norm, samples, tokens = train_step(run, state.step + 1 in nan_steps)
+        queued = train_step(run, state.step + 1 in nan_steps)
         state.step = step = state.step + 1
-        window.add(step_loss, samples, tokens)
-        run.bar.set_postfix(loss=f"{step_loss:.3f}", lr=f"{lr:.2e}", **throughput.postfix(window),
-                            refresh=False)  # drawn by update(), at most once a minute in a log file
+        settle(run)  # the step before: its loss is read back while this one runs on the GPU (DESIGN: host syncs)
+        run.pending = queued
+        logged = step % cfg.logging_steps == 0 or step == cfg.max_steps
+        if logged:
+            settle(run)
+        window = run.window
+        if window.losses:
+            run.bar.set_postfix(loss=f"{window.losses[-1]:.3f}", lr=f"{window.lr:.2e}", **throughput.postfix(window),
+                                refresh=False)  # drawn by update(), at most once a minute in a log file
         run.bar.update(1)
 
-        if step % cfg.logging_steps == 0 or step == cfg.max_steps:
-            run.log.log(step, {"loss": window.mean_loss(), "lr": lr,
-                               "grad_norm": None if grad_norm is None else float(grad_norm),
+        if logged:
+            run.log.log(step, {"loss": window.mean_loss(), "lr": window.lr, "grad_norm": window.grad_norm,
                                **throughput.metrics(window), "epoch": run.stream.epochs(state.samples_seen),
                                "bad_samples": state.bad.total, "nonfinite_steps": state.nonfinite_steps})
-            window = speed.Window()
+            run.window = speed.Window()
         stopping.check_bad_fraction(state.bad, cfg, run.say, on_stop=lambda: save(run, step))
         evaluated = cfg.eval_strategy == "steps" and (step % cfg.eval_steps == 0 or step == cfg.max_steps)
         if evaluated:
@@ -266,14 +275,28 @@ def fit(run: Run) -> None:
             return
 
 
-def train_step(run: Run, inject_nan: bool) -> tuple[float, float, Any, int, int]:
-    """One optimizer step over gradient_accumulation_steps micro-batches: (loss, lr, grad norm, samples, tokens).
+@dataclass
+class Queued:
+    """An optimizer step whose loss and gradient norm are still on the device, until settle() reads them."""
 
-    A NaN/inf loss skips the update: one poisoned batch must not wipe out hours of training.
+    step: int
+    loss_sum: Any  # summed token loss of all processes (a 0-d tensor)
+    grad_norm: Any  # a 0-d tensor, or None without clipping
+    tokens: int  # label tokens of all processes: the loss is their mean
+    samples: int
+    lr: float
+
+
+def train_step(run: Run, inject_nan: bool) -> Queued:
+    """Queue one optimizer step over gradient_accumulation_steps micro-batches, reading nothing back.
+
+    A NaN/inf loss or gradient norm skips the update: one poisoned batch must not wipe out hours of training.
+    The optimizer skips it on the device where it can (trainable.step_unless_nonfinite); settle() counts it
+    afterwards.
     """
     import torch
 
-    from whisper_ft import batches, stopping
+    from whisper_ft import batches, trainable
     from whisper_ft.evaluation import token_loss_sum
     from whisper_ft.schedule import lr_at, set_lr
 
@@ -283,8 +306,8 @@ def train_step(run: Run, inject_nan: bool) -> tuple[float, float, Any, int, int]
                kind=cfg.lr_scheduler_type)
     set_lr(run.optimizer, lr)
     micro = [next(run.stream) for _ in range(micro_per_step)]
-    # One all-reduce for what every process must agree on before the forward: label tokens of the whole
-    # optimizer step (the loss is normalised by them, DESIGN: loss normalisation), samples, audio, bad samples.
+    # What every process must agree on before the forward: label tokens of the whole optimizer step (the loss
+    # is normalised by them, DESIGN: loss normalisation), samples, audio, bad samples (several: one all-reduce).
     step_tokens, samples, seconds, n_bad, n_seen = batches.step_totals(micro, accelerator)
     if n_bad:  # rare: collect the bad samples of all processes so every process counts the same
         for b in batches.gather_bad(micro):
@@ -305,28 +328,43 @@ def train_step(run: Run, inject_nan: bool) -> tuple[float, float, Any, int, int]
             # backward divides by the accumulation steps and DDP averages over processes: undo both.
             accelerator.backward(token_loss * world * micro_per_step / max(1, step_tokens))
             loss_sum += token_loss.detach()
-    step_loss = float(accelerator.reduce(loss_sum, "sum")) / max(1, step_tokens)
+    loss_sum = accelerator.reduce(loss_sum, "sum")
+    grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm) if cfg.max_grad_norm > 0 else None
+    trainable.step_unless_nonfinite(run.optimizer, loss_sum, grad_norm, on_device=run.skips_on_device)
+    run.optimizer.zero_grad(set_to_none=True)
+    state.samples_seen += samples
+    state.audio_seconds_seen += seconds
+    return Queued(state.step + 1, loss_sum, grad_norm, step_tokens, samples, lr)
 
-    grad_norm = None
-    if math.isfinite(step_loss):
-        if cfg.max_grad_norm > 0:
-            grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)  # a tensor: no sync here
-        run.optimizer.step()
+
+def settle(run: Run) -> None:
+    """Read back the queued step's loss and gradient norm: the log window's numbers and the NaN/inf count.
+
+    Called for the step before while the next one runs, and before anything that logs, evaluates or saves.
+    """
+    from whisper_ft import stopping
+
+    queued, run.pending = run.pending, None
+    if queued is None:
+        return
+    cfg, state = run.cfg, run.state
+    loss = float(queued.loss_sum) / max(1, queued.tokens)
+    norm = None if queued.grad_norm is None else float(queued.grad_norm)
+    if math.isfinite(loss) and (norm is None or math.isfinite(norm)):
         state.nonfinite_in_row = 0
     else:
         state.nonfinite_in_row += 1
         state.nonfinite_steps += 1
-        run.say(f"step {state.step + 1}: loss is {step_loss}; update skipped "
+        what = f"loss is {loss}" if not math.isfinite(loss) else f"gradient norm is {norm}"
+        run.say(f"step {queued.step}: {what}; update skipped "
                 f"({state.nonfinite_in_row} in a row, limit {cfg.max_nonfinite_steps})", to_bar=True)
+        norm = None
         if state.nonfinite_in_row >= cfg.max_nonfinite_steps:
-            raise stopping.RunStopped(f"{cfg.max_nonfinite_steps} optimizer steps in a row had a NaN/inf loss; "
-                                      "stopped without saving the poisoned state. Lower learning_rate, turn off fp16 "
-                                      "(bf16 or fp32) or look for broken samples; the last checkpoint is intact.",
-                                      Exit.ERROR)
-    run.optimizer.zero_grad(set_to_none=True)
-    state.samples_seen += samples
-    state.audio_seconds_seen += seconds
-    return step_loss, lr, grad_norm, samples, step_tokens
+            raise stopping.RunStopped(f"{cfg.max_nonfinite_steps} optimizer steps in a row had a NaN/inf loss or "
+                                      "gradient norm; stopped without saving the poisoned state. Lower learning_rate, "
+                                      "turn off fp16 (bf16 or fp32) or look for broken samples; the last checkpoint "
+                                      "is intact.", Exit.ERROR)
+    run.window.add(loss, queued.samples, queued.tokens, lr=queued.lr, grad_norm=norm)
 
 
 def evaluate(run: Run, step: int) -> None:
@@ -338,6 +376,7 @@ def evaluate(run: Run, step: int) -> None:
     from whisper_ft.state import improves
 
     cfg, state = run.cfg, run.state
+    settle(run)
     metrics = {}
     for i, (name, loader) in enumerate(run.eval_loaders.items()):
         got, rows, eval_bad = evaluate_set(run.model, loader, run.processor.tokenizer, run.accelerator,
@@ -371,6 +410,7 @@ def save(run: Run, step: int) -> None:
     """checkpoint-<step> with the run state and this process's data position; older ones pruned."""
     from whisper_ft import checkpoint
 
+    settle(run)  # the state saved includes the last step's NaN/inf count
     path = checkpoint.save(run.accelerator, run.out, step, run.state.to_dict(), process_state=run.stream.state_dict())
     if run.accelerator.is_main_process:
         best = run.out / f"checkpoint-{run.state.best_step}" if run.state.best_step is not None else None

@@ -4,6 +4,7 @@ settings refused up front (whisper_ft/trainable.py, config.environment_problems)
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -61,6 +62,69 @@ def test_incompatible_training_settings_are_refused_together(tmp_path):
     except ConfigError as e:  # without CUDA or deepspeed the launch itself is refused (tests/test_distributed.py)
         assert e.problems and not any("LoRA" in problem for problem in e.problems)
         assert not torch.cuda.is_available() or not _installed("deepspeed")
+
+
+@pytest.mark.parametrize("on_device", [True, False])
+@pytest.mark.parametrize("loss,norm", [(float("nan"), 1.0), (2.0, float("inf")), (2.0, None), (float("inf"), None)])
+def test_a_nonfinite_step_leaves_weights_and_optimizer_state_untouched(on_device, loss, norm):
+    """step_unless_nonfinite, on the device (fused AdamW's found_inf) or on the host: a NaN/inf loss or gradient
+    norm changes no weight, moment or step count, bit for bit; a finite step is exactly a plain step."""
+    import copy
+
+    from accelerate import Accelerator
+
+    from whisper_ft.trainable import skips_on_device, step_unless_nonfinite
+
+    accelerator = Accelerator(cpu=True)
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 3)
+    model, optimizer = accelerator.prepare(model, torch.optim.AdamW(model.parameters(), lr=0.1, fused=True))
+    assert skips_on_device(optimizer, accelerator)
+    reference = copy.deepcopy(model)
+    reference_optimizer = torch.optim.AdamW(reference.parameters(), lr=0.1, fused=True)
+    for step in range(3):
+        grads = [torch.randn_like(p) for p in model.parameters()]
+        for m in (model, reference):
+            for p, g in zip(m.parameters(), grads):
+                p.grad = g.clone()
+        bad = step == 1
+        step_unless_nonfinite(optimizer, torch.tensor(loss if bad else 2.0),
+                              None if norm is None else torch.tensor(norm if bad else 1.0), on_device=on_device)
+        if not bad or math.isfinite(loss) and (norm is None or math.isfinite(norm)):
+            reference_optimizer.step()
+        assert all(torch.equal(a, b) for a, b in zip(model.parameters(), reference.parameters()))
+        states = [(optimizer.state[p], reference_optimizer.state[q])
+                  for p, q in zip(model.parameters(), reference.parameters())]
+        assert all(torch.equal(mine[k], theirs[k]) for mine, theirs in states for k in theirs)
+        assert not hasattr(optimizer.optimizer, "found_inf")  # nothing left for the next step to trip over
+    assert int(optimizer.state[next(model.parameters())]["step"]) == (3 if norm is None and math.isfinite(loss)
+                                                                       else 2)
+
+
+def test_under_fp16_the_loss_scaler_skips_a_nonfinite_step_on_the_device():
+    """fp16 (the guide's setting): the loss scaler hands the fused AdamW its own flag; a NaN loss makes the
+    gradients NaN, so the step is skipped there too (and the scale backs off, as for any fp16 overflow)."""
+    from accelerate import Accelerator
+    from accelerate.optimizer import AcceleratedOptimizer
+
+    from whisper_ft.trainable import step_unless_nonfinite
+
+    Accelerator(cpu=True)
+    torch.manual_seed(0)
+    model, scaler = torch.nn.Linear(4, 3), torch.amp.GradScaler("cpu", init_scale=1024.0)
+    optimizer = AcceleratedOptimizer(torch.optim.AdamW(model.parameters(), lr=0.1, fused=True), scaler=scaler)
+    changed = []
+    for bad in (False, True, False):
+        loss = model(torch.randn(2, 4)).sum() * (float("nan") if bad else 1.0)
+        scaler.scale(loss).backward()
+        scaler.unscale_(optimizer.optimizer)  # what accelerator.clip_grad_norm_ does first
+        norm = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        before = [p.detach().clone() for p in model.parameters()]
+        step_unless_nonfinite(optimizer, loss.detach(), norm, on_device=True)
+        changed.append(not all(torch.equal(p, b) for p, b in zip(model.parameters(), before)))
+        optimizer.zero_grad()
+    assert changed == [True, False, True]
+    assert int(optimizer.state[model.weight]["step"]) == 2 and scaler.get_scale() == 512.0
 
 
 def test_8bit_adamw_on_cpu_is_one_clear_message(tiny_model, tmp_path):

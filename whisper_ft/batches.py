@@ -340,12 +340,16 @@ def train_batches(records, prepare, collate, cfg: Config, rank: int, world: int,
 
 
 def step_totals(micro: list[dict[str, Any]], accelerator) -> tuple[int, int, float, int, int]:
-    """(label tokens, samples, audio seconds, bad samples, samples drawn) of one optimizer step, all processes."""
-    local = [sum(int((mb["labels"] != IGNORE_INDEX).sum()) for mb in micro if mb["ids"]),
-             sum(len(mb["ids"]) for mb in micro), sum(mb["seconds"] for mb in micro),
-             sum(len(mb["bad"]) for mb in micro), sum(len(mb["ids"]) + len(mb["bad"]) for mb in micro)]
-    tokens, samples, seconds, bad, seen = accelerator.reduce(
-        torch.tensor(local, dtype=torch.float64, device=accelerator.device), "sum").tolist()
+    """(label tokens, samples, audio seconds, bad samples, samples drawn) of one optimizer step, all processes.
+
+    One process counts on the host; several sum theirs in one all-reduce, which waits for the GPU's queue.
+    """
+    local = [sum(mb["tokens"] for mb in micro), sum(len(mb["ids"]) for mb in micro),
+             sum(mb["seconds"] for mb in micro), sum(len(mb["bad"]) for mb in micro),
+             sum(len(mb["ids"]) + len(mb["bad"]) for mb in micro)]
+    if accelerator.num_processes > 1:
+        local = accelerator.reduce(torch.tensor(local, dtype=torch.float64, device=accelerator.device), "sum").tolist()
+    tokens, samples, seconds, bad, seen = local
     return int(tokens), int(samples), seconds, int(bad), int(seen)
 
 

@@ -26,13 +26,14 @@ class Collator:
     def __call__(self, samples: list[dict[str, Any] | Bad]) -> dict[str, Any]:
         good = [s for s in samples if not isinstance(s, Bad)]
         batch: dict[str, Any] = {"bad": [s for s in samples if isinstance(s, Bad)], "ids": [s["id"] for s in good],
-                                 "seconds": float(sum(s["seconds"] for s in good))}
+                                 "seconds": float(sum(s["seconds"] for s in good)), "tokens": 0}
         if not good:
             return batch
         batch["input_features"] = torch.from_numpy(np.stack([s["input_features"] for s in good]))
         # The tokenizer put <|startoftranscript|> first; the model adds it again when it shifts labels right,
         # so strip it here (DESIGN: decoder start token: the check is on decoder_start_token_id, not bos_token_id).
         labels = [s["labels"][1:] if s["labels"][0] == self.decoder_start_token_id else s["labels"] for s in good]
+        batch["tokens"] = sum(len(x) for x in labels)  # what the loss is summed over: counted here, not on the GPU
         width = max(len(x) for x in labels)
         if self.bucket:
             width = next((b for b in LABEL_BUCKETS if b >= width), width)

@@ -86,7 +86,7 @@ class Config:
     bf16: bool = setting(False, "bfloat16 mixed precision (Ampere or newer; fp16 with a warning on older cards); not together with fp16")
     dataloader_num_workers: int = setting(2, "processes decoding audio and computing log-mel features")
     torch_compile: str = setting("auto", "compile the model's forward (training) and decoder step (generation): auto = on with CUDA, true, false")
-    max_nonfinite_steps: int = setting(10, "stop after this many optimizer steps in a row with NaN/inf loss")
+    max_nonfinite_steps: int = setting(10, "stop after this many optimizer steps in a row with a NaN/inf loss or gradient norm")
     optim: str = setting("adamw_torch", "adamw_torch, or adamw_8bit (bitsandbytes, CUDA only): 1/4 of the optimizer memory")
     # --- large models on small GPUs ----------------------------------------------------------
     freeze_encoder: bool = setting(False, "train the decoder only; with LoRA: adapters in the decoder only")

@@ -175,15 +175,20 @@ def peak_memory_gb() -> float | None:
 
 
 class Window:
-    """Loss and throughput (samples and label tokens of all processes) since the last log line."""
+    """Loss and throughput (samples and label tokens of all processes) since the last log line, and the learning
+    rate and gradient norm (None: not clipped, or the update was skipped) of its last step."""
 
     def __init__(self):
         self.start, self.losses, self.samples, self.tokens = time.perf_counter(), [], 0, 0
+        self.lr: float | None = None
+        self.grad_norm: float | None = None
 
-    def add(self, loss: float, samples: int, tokens: int = 0) -> None:
+    def add(self, loss: float, samples: int, tokens: int = 0, lr: float | None = None,
+            grad_norm: float | None = None) -> None:
         self.losses.append(loss)
         self.samples += samples
         self.tokens += tokens
+        self.lr, self.grad_norm = lr, grad_norm
 
     def mean_loss(self) -> float:
         return sum(self.losses) / max(1, len(self.losses))

@@ -101,7 +101,9 @@ class GracefulStop:
         return self.flag
 
     def agreed(self) -> bool:
-        """True on every process when any process was signalled."""
+        """True on every process when any process was signalled (one process: no GPU round trip)."""
+        if self.accelerator.num_processes == 1:
+            return self.flag
         flag = torch.tensor(int(self.flag), device=self.accelerator.device)
         return bool(self.accelerator.reduce(flag, "max"))
 

@@ -8,6 +8,7 @@ after it, and exportable() before the final export; everything else in the loop 
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any
 
@@ -99,6 +100,38 @@ def build_optimizer(model, cfg: Config):
         return bnb.optim.AdamW8bit(groups, lr=cfg.learning_rate)
     # fused: one kernel for all parameters instead of several per tensor (CPU and CUDA alike)
     return torch.optim.AdamW(groups, lr=cfg.learning_rate, fused=True)
+
+
+def skips_on_device(optimizer, accelerator) -> bool:
+    """Whether step_unless_nonfinite can skip a NaN/inf step on the device: torch's fused AdamW (the default
+    optimizer) takes a found_inf tensor, as torch.amp's loss scaler uses it. 8-bit AdamW, FSDP and DeepSpeed
+    decide on the host.
+    """
+    wrapped = getattr(optimizer, "optimizer", optimizer)  # accelerate's AcceleratedOptimizer wraps ours
+    return (bool(getattr(wrapped, "_step_supports_amp_scaling", False))
+            and accelerator.distributed_type.name not in ("FSDP", "DEEPSPEED"))
+
+
+def step_unless_nonfinite(optimizer, loss: torch.Tensor, grad_norm: torch.Tensor | None, on_device: bool) -> None:
+    """optimizer.step(), skipped when the step's loss or gradient norm (equal on every process) is NaN/inf.
+
+    on_device: the fused kernel is handed the flag and skips by itself (weights, moments and step count unchanged),
+    so the host does not wait for the backward to finish before it queues the update (DESIGN: host syncs). Under
+    fp16 the loss scaler hands it its own flag, which non-finite gradients set: a NaN/inf loss or norm has them.
+    Otherwise both are read back here and the step is skipped by not calling it.
+    """
+    if not on_device:
+        if math.isfinite(float(loss)) and (grad_norm is None or math.isfinite(float(grad_norm))):
+            optimizer.step()
+        return
+    wrapped = optimizer.optimizer
+    if optimizer.scaler is None:
+        nonfinite = ~torch.isfinite(loss) if grad_norm is None else ~(torch.isfinite(loss) & torch.isfinite(grad_norm))
+        wrapped.found_inf = nonfinite.float()
+    try:
+        optimizer.step()
+    finally:
+        wrapped.__dict__.pop("found_inf", None)
 
 
 def param_groups(model, weight_decay: float) -> list[dict[str, Any]]:
