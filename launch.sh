@@ -19,6 +19,12 @@ fi
 setsid nohup accelerate launch --num_processes 1 "${where[@]}" train_loop.py --config "$config" \
   ${train_flags[@]+"${train_flags[@]}"} "$@" >>"$log" 2>&1 </dev/null &
 pid=$!
+# The process group exists once setsid has run in the child: wait for that (at most 2 s), so the kill printed
+# below works at once (a script that ran it straight away found no group, and the run went on).
+for _ in $(seq 100); do
+  [ "$(ps -o pgid= -p "$pid" 2>/dev/null | tr -d ' ')" = "$pid" ] && break
+  sleep 0.02
+done
 echo "$pid" > "$(dirname "$log")/train.pid"
 echo "started training on $on as process group $pid (config $config), logging to $log"
 echo "follow it:  tail -f $log"
