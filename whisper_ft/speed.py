@@ -62,7 +62,11 @@ def set_gradient_checkpointing(model, setting: str) -> None:
     """
     if setting == "false":
         return
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    kwargs = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):  # newer transformers (5.24); the old name goes in v6
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
     if setting == "encoder":
         for layer in model.model.decoder.layers:
             layer.gradient_checkpointing = False
