@@ -158,6 +158,13 @@ def test_warmup_at_or_over_max_steps_is_a_warning_naming_both():
     assert len(notes) == 1 and notes[0].startswith("warmup_steps 500 >= max_steps 500: the learning rate never reaches")
 
 
+@pytest.mark.parametrize("lang,metric,warned", [("zh", "wer", True), ("ja", "wer_ortho", True), ("th", "cer", False),
+                                                ("ja", "loss", False), ("as", "wer", False)])
+def test_best_model_by_wer_in_a_language_without_spaces_is_a_warning(lang, metric, warned):
+    notes = config_warnings(load_config(["--lang", lang, "--metric-for-best-model", metric], env={}))
+    assert any("metric_for_best_model: cer" in n for n in notes) == warned
+
+
 def test_checkpoint_dir_that_is_a_file_stops_before_the_model_loads(tmp_path):
     (tmp_path / "out").write_text("not a folder")
     proc = train(["--config", str(guide_file(tmp_path)), "--no-push-to-hub", "-g", "cpu", "-wp", NO_MODEL,

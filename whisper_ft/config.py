@@ -434,7 +434,19 @@ def config_warnings(cfg: Config) -> list[str]:
     if cfg.warmup_steps >= cfg.max_steps:
         notes.append(f"warmup_steps {cfg.warmup_steps} >= max_steps {cfg.max_steps}: the learning rate never reaches "
                      f"learning_rate {cfg.learning_rate:g}; lower warmup_steps (e.g. to {max(0, cfg.max_steps // 10)})")
+    from whisper_ft.languages import LanguageError, resolve
+
+    try:
+        lang = resolve(cfg.lang)
+    except LanguageError:  # refused by validation, which names it
+        lang = None
+    if lang is not None and not lang.uses_spaces and cfg.metric_for_best_model in ("wer", "wer_ortho"):
+        notes.append(f"{lang.name} is written without spaces between words, so its word error rate counts a whole "
+                     f"sentence as one word; metric_for_best_model: cer picks the best model by character error rate "
+                     f"(what the Whisper paper reports for {lang.name})")
     return notes
+
+
 def _training_mode_problems(cfg: Config) -> list[str]:
     """The LoRA and SpecAugment values themselves."""
     import re
