@@ -277,11 +277,10 @@ def fit(run: Run) -> None:
 
 @dataclass
 class Queued:
-    """An optimizer step whose loss and gradient norm are still on the device, until settle() reads them."""
+    """An optimizer step whose loss and gradient norm are still on their way from the device, until settle()."""
 
     step: int
-    loss_sum: Any  # summed token loss of all processes (a 0-d tensor)
-    grad_norm: Any  # a 0-d tensor, or None without clipping
+    loss_and_norm: Any  # speed.Readback of the summed token loss of all processes and the gradient norm (or None)
     tokens: int  # label tokens of all processes: the loss is their mean
     samples: int
     lr: float
@@ -296,7 +295,7 @@ def train_step(run: Run, inject_nan: bool) -> Queued:
     """
     import torch
 
-    from whisper_ft import batches, trainable
+    from whisper_ft import batches, speed, trainable
     from whisper_ft.evaluation import token_loss_sum
     from whisper_ft.schedule import lr_at, set_lr
 
@@ -334,7 +333,7 @@ def train_step(run: Run, inject_nan: bool) -> Queued:
     run.optimizer.zero_grad(set_to_none=True)
     state.samples_seen += samples
     state.audio_seconds_seen += seconds
-    return Queued(state.step + 1, loss_sum, grad_norm, step_tokens, samples, lr)
+    return Queued(state.step + 1, speed.Readback(loss_sum, grad_norm), step_tokens, samples, lr)
 
 
 def settle(run: Run) -> None:
@@ -348,8 +347,8 @@ def settle(run: Run) -> None:
     if queued is None:
         return
     cfg, state = run.cfg, run.state
-    loss = float(queued.loss_sum) / max(1, queued.tokens)
-    norm = None if queued.grad_norm is None else float(queued.grad_norm)
+    loss_sum, norm = queued.loss_and_norm.values()
+    loss = loss_sum / max(1, queued.tokens)
     if math.isfinite(loss) and (norm is None or math.isfinite(norm)):
         state.nonfinite_in_row = 0
     else:

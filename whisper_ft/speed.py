@@ -178,6 +178,34 @@ def peak_memory_gb() -> float | None:
     return torch.cuda.max_memory_allocated() / 2**30
 
 
+class Readback:
+    """0-d tensors (or plain numbers, or None) read on the host later without making the host wait now.
+
+    float() of a CUDA tensor waits for everything queued on the stream so far: a step's loss read that way after
+    the next step was queued would wait for that whole step too. Here each value is copied into pinned host memory
+    without blocking, right where it is made, and values() waits only for that copy (DESIGN: host syncs).
+    """
+
+    def __init__(self, *values):
+        values = [v.full_tensor() if hasattr(v, "full_tensor") else v for v in values]  # a DTensor (FSDP2 norms)
+        self.event = None
+        if any(torch.is_tensor(v) and v.is_cuda for v in values):
+            copies = []
+            for v in values:
+                if torch.is_tensor(v) and v.is_cuda:
+                    host = torch.empty(v.shape, dtype=v.dtype, pin_memory=True)
+                    v = host.copy_(v.detach(), non_blocking=True)
+                copies.append(v)
+            values, self.event = copies, torch.cuda.Event()
+            self.event.record()
+        self._values = values
+
+    def values(self) -> list[float | None]:
+        if self.event is not None:
+            self.event.synchronize()
+        return [None if v is None else float(v) for v in self._values]
+
+
 class Window:
     """Loss and throughput (samples and label tokens of all processes) since the last log line, and the learning
     rate and gradient norm (None: not clipped, or the update was skipped) of its last step."""
