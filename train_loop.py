@@ -267,7 +267,7 @@ def fit(run: Run) -> None:
         new_best = evaluated and state.best_step == step and cfg.load_best_model_at_end
         if step % cfg.save_steps == 0 or step == cfg.max_steps or new_best:
             save(run, step)
-        run.stopper.check(step)
+        run.stopper.check(step, queued.stop)
         if step == cfg.stop_at_step and step < cfg.max_steps:
             if step % cfg.save_steps:
                 save(run, step)
@@ -277,13 +277,14 @@ def fit(run: Run) -> None:
 
 @dataclass
 class Queued:
-    """An optimizer step whose loss and gradient norm are still on their way from the device, until settle()."""
+    """An optimizer step queued on the device; its loss and gradient norm are on their way back until settle()."""
 
     step: int
     loss_and_norm: Any  # speed.Readback of the summed token loss of all processes and the gradient norm (or None)
     tokens: int  # label tokens of all processes: the loss is their mean
     samples: int
     lr: float
+    stop: bool  # a process had been signalled when the step began: save and stop after it
 
 
 def train_step(run: Run, inject_nan: bool) -> Queued:
@@ -306,8 +307,9 @@ def train_step(run: Run, inject_nan: bool) -> Queued:
     set_lr(run.optimizer, lr)
     micro = [next(run.stream) for _ in range(micro_per_step)]
     # What every process must agree on before the forward: label tokens of the whole optimizer step (the loss
-    # is normalised by them, DESIGN: loss normalisation), samples, audio, bad samples (several: one all-reduce).
-    step_tokens, samples, seconds, n_bad, n_seen = batches.step_totals(micro, accelerator)
+    # is normalised by them, DESIGN: loss normalisation), samples, audio, bad samples, a stop signal anywhere.
+    step_tokens, samples, seconds, n_bad, n_seen, stop = batches.step_totals(micro, accelerator,
+                                                                            run.stopper.requested())
     if n_bad:  # rare: collect the bad samples of all processes so every process counts the same
         for b in batches.gather_bad(micro):
             state.bad.add(b)
@@ -333,7 +335,7 @@ def train_step(run: Run, inject_nan: bool) -> Queued:
     run.optimizer.zero_grad(set_to_none=True)
     state.samples_seen += samples
     state.audio_seconds_seen += seconds
-    return Queued(state.step + 1, speed.Readback(loss_sum, grad_norm), step_tokens, samples, lr)
+    return Queued(state.step + 1, speed.Readback(loss_sum, grad_norm), step_tokens, samples, lr, stop)
 
 
 def settle(run: Run) -> None:

@@ -95,6 +95,55 @@ def test_two_machines_stop_resume_and_match_one_machine_bit_for_bit(tiny_model, 
     assert info["missing_keys"] in ([], set()) and info["unexpected_keys"] in ([], set())
 
 
+def test_a_signal_to_one_machine_stops_both_at_the_same_step_after_saving(tiny_model, tmp_path):
+    """Preemption may signal one machine only. Its flag reaches the other in the step's totals (one all-reduce,
+    batches.step_totals), so both save the same checkpoint and stop with exit code 3 (stopped, resumable)."""
+    import signal
+    import time
+
+    out = tmp_path / "run"
+    cfg = base_config(tiny_model, out, per_device_train_batch_size=2, max_steps=1000, save_steps=1000,
+                      eval_strategy="no", load_best_model_at_end=False)
+    port, procs = free_port(), []
+    path = tmp_path / "machine.yaml"
+    path.write_text(yaml.safe_dump(cfg), encoding="utf-8")
+    env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    for rank in (0, 1):
+        procs.append(subprocess.Popen(
+            [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc_per_node", "1",
+             "--node_rank", str(rank), "--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{port}",
+             str(ROOT / "train_loop.py"), "--config", str(path)],
+            cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True))
+    try:
+        deadline = time.time() + 240
+        while not ((out / "metrics.jsonl").exists() and '"loss"' in (out / "metrics.jsonl").read_text()):
+            assert time.time() < deadline and all(p.poll() is None for p in procs), "training did not start"
+            time.sleep(0.1)
+        # the trainer itself, not its launcher: the child of machine 1's torchrun
+        worker = next(int(d) for d in os.listdir("/proc") if d.isdigit() and _parent(int(d)) == procs[1].pid)
+        os.kill(worker, signal.SIGTERM)
+        errs = [p.communicate(timeout=120)[1] for p in procs]
+    finally:
+        for p in procs:
+            p.kill()
+    assert "got SIGTERM" in errs[1] and "got SIGTERM" not in errs[0]
+    stopped = [line for line in errs[0].splitlines() if "stopped by signal at step" in line]
+    assert len(stopped) == 1, errs[0][-3000:]  # said by the main process, on machine 0
+    step = int(stopped[0].split("at step ")[1].split(";")[0])
+    saved = sorted(p.name for p in out.glob("checkpoint-*"))
+    assert saved == [f"checkpoint-{step}"]
+    assert {"random_states_0.pkl", "random_states_1.pkl"} <= {p.name for p in (out / saved[0]).iterdir()}
+    assert max(r["step"] for r in metrics(out) if "loss" in r) == step  # neither went past it
+
+
+def _parent(pid: int) -> int | None:
+    try:
+        stat = open(f"/proc/{pid}/stat").read()
+    except OSError:
+        return None
+    return int(stat.rsplit(")", 1)[1].split()[1])
+
+
 def test_a_checkpoint_dir_not_shared_by_the_machines_is_refused(tiny_model, tmp_path):
     """Each machine pointed at its own folder (as with a node-local disk): one clear error, no training."""
     results = run_two_machines([base_config(tiny_model, tmp_path / f"local{r}", max_steps=2) for r in (0, 1)],

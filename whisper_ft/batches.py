@@ -339,18 +339,20 @@ def train_batches(records, prepare, collate, cfg: Config, rank: int, world: int,
     return StreamBatches(records, prepare, collate, cfg.per_device_train_batch_size, rank, world)
 
 
-def step_totals(micro: list[dict[str, Any]], accelerator) -> tuple[int, int, float, int, int]:
-    """(label tokens, samples, audio seconds, bad samples, samples drawn) of one optimizer step, all processes.
+def step_totals(micro: list[dict[str, Any]], accelerator,
+                stop: bool) -> tuple[int, int, float, int, int, bool]:
+    """(label tokens, samples, audio seconds, bad samples, samples drawn) of one optimizer step, all processes, and
+    whether any process was asked to stop (`stop`: this one was).
 
-    One process counts on the host; several sum theirs in one all-reduce, which waits for the GPU's queue.
+    One process counts on the host; several sum theirs in one all-reduce, the loop's one read-back per step.
     """
     local = [sum(mb["tokens"] for mb in micro), sum(len(mb["ids"]) for mb in micro),
              sum(mb["seconds"] for mb in micro), sum(len(mb["bad"]) for mb in micro),
-             sum(len(mb["ids"]) + len(mb["bad"]) for mb in micro)]
+             sum(len(mb["ids"]) + len(mb["bad"]) for mb in micro), int(stop)]
     if accelerator.num_processes > 1:
         local = accelerator.reduce(torch.tensor(local, dtype=torch.float64, device=accelerator.device), "sum").tolist()
-    tokens, samples, seconds, bad, seen = local
-    return int(tokens), int(samples), seconds, int(bad), int(seen)
+    tokens, samples, seconds, bad, seen, stops = local
+    return int(tokens), int(samples), seconds, int(bad), int(seen), stops > 0
 
 
 def gather_bad(micro: list[dict[str, Any]]) -> list[Bad]:

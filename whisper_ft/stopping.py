@@ -107,7 +107,9 @@ class GracefulStop:
         flag = torch.tensor(int(self.flag), device=self.accelerator.device)
         return bool(self.accelerator.reduce(flag, "max"))
 
-    def check(self, step: int) -> None:
-        if self.agreed():
+    def check(self, step: int, anywhere: bool) -> None:
+        """Save and stop after `step` when `anywhere`: whether any process was signalled, as every process learnt
+        it from the step's totals (batches.step_totals) rather than from a collective of its own."""
+        if anywhere:
             self.on_stop()
             raise RunStopped(f"stopped by signal at step {step}; checkpoint saved. Rerun the same command to resume.")
