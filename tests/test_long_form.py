@@ -48,6 +48,8 @@ def check_report(report: dict, durations: list[float], references: list[str]) ->
     inside = [0 <= s["start"] <= s["end"] <= r["duration"] + 0.02 for r in rows for s in r["segment_list"]]
     assert report["segments_inside_audio"] == all(inside)
     assert report["segments_outside_audio"] == inside.count(False)
+    expected_cer = 100 * jiwer.cer([normalize(r) for r in references], [normalize(r["transcript"]) for r in rows])
+    assert report["long_form_cer"] == pytest.approx(expected_cer)
     assert report["segments_without_leading_space"] == sum(not s["text"].startswith(" ") for ss in spoken for s in ss)
 
 
@@ -104,6 +106,23 @@ def test_clips_are_joined_with_pauses_into_recordings(tiny_model, tmp_path):
                  [" ".join(records[i].text for i in g) for g in groups])
     assert "long-form WER" in proc.stderr and "segments" in proc.stderr
     assert np.isclose(report["audio_seconds"], sum(seconds) + 0.5 * (len(seconds) - len(groups)), atol=0.01)
+
+
+def test_a_language_without_spaces_joins_references_without_them_and_reports_cer(tiny_model, tmp_path):
+    """Japanese (lang: ja) is written without spaces between words: joined clips' references are concatenated
+    as they are, the summary line gives CER (WER would count each recording as one word), and segments are
+    not expected to start with a space. The committed clips are English; only the language setting matters."""
+    from whisper_ft.sources import load_records
+
+    cfg = {"lang": "ja", "whisper_pretrained": str(tiny_model), "checkpoint_dir": str(tmp_path / "run"),
+           "dataset_name": str(CV_EN), "eval_split": "dev", "fp16": False}
+    proc, report = long_form(cfg, tmp_path, tiny_model, CV_EN, "--long-form-minutes", "5")
+    texts = [r.text for r in load_records(str(CV_EN), "dev")]
+    assert report["language"] == "ja" and [r["reference"] for r in report["per_recording"]] == ["".join(texts)]
+    assert report["segments_without_leading_space"] is None
+    transcript = normalize(report["per_recording"][0]["transcript"])
+    assert report["long_form_cer"] == pytest.approx(100 * jiwer.cer(normalize("".join(texts)), transcript))
+    assert "long-form CER" in proc.stderr and "without a space" not in proc.stderr
 
 
 def test_audio_without_transcript_is_a_clear_error(tiny_model, tmp_path):

@@ -8,8 +8,9 @@ the previous one's last timestamp ended) and the leading space that joins one se
 Held-out clips of a data source (split --split, default eval_split) are joined, with short silences
 between them, into recordings of about --long-form-minutes; an audio file with its transcript in a
 .txt of the same name (or a folder of such pairs) is used as it is. Each recording is transcribed the
-way whisper_ft.transcription does it, and the report gives the WER of the whole transcripts, the segment
-count, whether every segment lies inside its audio, and how many segments start without a space.
+way whisper_ft.transcription does it, and the report gives the WER and CER of the whole transcripts, the
+segment count, whether every segment lies inside its audio, and how many segments start without a space (not
+for languages written without spaces, where CER is the measure).
 """
 
 from __future__ import annotations
@@ -56,10 +57,12 @@ def is_recording_folder(path: Path) -> bool:
     return bool(audio) and all(p.with_suffix(".txt").is_file() for p in audio)
 
 
-def join_clips(records, prepare, minutes: float, gap: float = GAP_SECONDS) -> tuple[list[dict[str, Any]], int]:
+def join_clips(records, prepare, minutes: float, gap: float = GAP_SECONDS,
+               spaces: bool = True) -> tuple[list[dict[str, Any]], int]:
     """Clips in their split's order joined into recordings of about `minutes` each; (recordings, clips skipped).
 
-    Unusable clips (bad transcript, unreadable or over-30-s audio) are skipped and counted.
+    Unusable clips (bad transcript, unreadable or over-30-s audio) are skipped and counted. The references are
+    joined with a space, or with nothing in a language written without spaces (Language.uses_spaces).
     """
     recordings, current, skipped = [], None, 0
     silence = np.zeros(int(gap * SAMPLE_RATE), np.float32)
@@ -83,13 +86,18 @@ def join_clips(records, prepare, minutes: float, gap: float = GAP_SECONDS) -> tu
         current["clips"].append(record.id)
         if sum(len(p) for p in current["parts"]) >= minutes * 60 * SAMPLE_RATE:
             current = None
-    return [{"name": r["name"], "audio": np.concatenate(r["parts"]), "reference": " ".join(r["texts"]),
+    joiner = " " if spaces else ""
+    return [{"name": r["name"], "audio": np.concatenate(r["parts"]), "reference": joiner.join(r["texts"]),
              "clips": r["clips"]} for r in recordings], skipped
 
 
 def check(model, processor, recordings: list[dict[str, Any]], kwargs: dict[str, Any], device, dtype,
-          batch_size: int = 4) -> dict[str, Any]:
-    """Transcribe each recording in long-form mode and measure it; returns the report (JSON-ready)."""
+          batch_size: int = 4, spaces: bool = True) -> dict[str, Any]:
+    """Transcribe each recording in long-form mode and measure it; returns the report (JSON-ready).
+
+    spaces=False (a language written without spaces): WER would count a sentence as one word, so CER is the
+    measure, and segments are not expected to start with a space (that count is None).
+    """
     import jiwer
 
     from whisper_ft.evaluation import normalize
@@ -110,19 +118,21 @@ def check(model, processor, recordings: list[dict[str, Any]], kwargs: dict[str, 
             rows.append({"name": rec["name"], "duration": round(duration, 3), "clips": len(rec["clips"]),
                          "reference": rec["reference"], "transcript": joined_text(raw, tokenizer),
                          "segments": len(spoken), "segments_outside_audio": len(outside),
-                         "segments_without_leading_space": sum(not s["text"].startswith(" ") for s in spoken),
-                         "segment_list": segments})
+                         "segments_without_leading_space": sum(not s["text"].startswith(" ") for s in spoken)
+                         if spaces else None, "segment_list": segments})
     refs = [normalize(r["reference"]) for r in rows]
     hyps = [normalize(r["transcript"]) for r in rows]
     for row, ref, hyp in zip(rows, refs, hyps):
         row["wer"] = round(100 * jiwer.wer(ref, hyp), 2) if ref else None
-    scored = [(r, h) for r, h in zip(refs, hyps) if r]
+        row["cer"] = round(100 * jiwer.cer(ref, hyp), 2) if ref else None
+    scored = ([r for r in refs if r], [h for r, h in zip(refs, hyps) if r])
     return {
         "recordings": len(rows), "audio_seconds": round(sum(r["duration"] for r in rows), 2),
-        "long_form_wer": 100 * jiwer.wer([r for r, _ in scored], [h for _, h in scored]) if scored else None,
+        "long_form_wer": 100 * jiwer.wer(*scored) if scored[0] else None,
+        "long_form_cer": 100 * jiwer.cer(*scored) if scored[0] else None,
         "segments": sum(r["segments"] for r in rows),
         "segments_inside_audio": all(r["segments_outside_audio"] == 0 for r in rows),
         "segments_outside_audio": sum(r["segments_outside_audio"] for r in rows),
-        "segments_without_leading_space": sum(r["segments_without_leading_space"] for r in rows),
+        "segments_without_leading_space": sum(r["segments_without_leading_space"] for r in rows) if spaces else None,
         "per_recording": rows,
     }

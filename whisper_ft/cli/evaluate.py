@@ -177,7 +177,7 @@ def run_long_form(cfg, args, model_ref: str, label: str, say) -> int:
                                revision=cfg.dataset_revision, cache_dir=cfg.dataset_cache, token=cfg.hf_token)
         records = records[: cfg.max_eval_samples or None]
         prepare = Prepare(processor.feature_extractor, processor.tokenizer)
-        recordings, skipped = join_clips(records, prepare, args.long_form_minutes)
+        recordings, skipped = join_clips(records, prepare, args.long_form_minutes, spaces=lang.uses_spaces)
         what = f"{args.long_form} split {split!r}, clips joined into recordings of about {args.long_form_minutes} min"
     if not recordings:
         raise DataError(f"no usable audio in {args.long_form}" + (f" ({skipped} clips unusable)" if skipped else ""))
@@ -185,15 +185,17 @@ def run_long_form(cfg, args, model_ref: str, label: str, say) -> int:
     kwargs = {"language": model.generation_config.language, "task": model.generation_config.task} \
         if is_multilingual(model) else {}
     report = {"model": model_ref, "model_kind": label, "source": str(args.long_form), "language": lang.code,
-              "clips_skipped": skipped, **check(model, processor, recordings, kwargs, device, dtype)}
+              "clips_skipped": skipped,
+              **check(model, processor, recordings, kwargs, device, dtype, spaces=lang.uses_spaces)}
     out = Path(args.output_dir) if args.output_dir else default_output_dir(cfg, model_ref, label, "long-form")
     out.mkdir(parents=True, exist_ok=True)
     (out / "long_form.json").write_text(json.dumps(report, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
-    wer = "n/a" if report["long_form_wer"] is None else f"{report['long_form_wer']:.2f}"
-    say(f"long-form WER {wer} over {report['audio_seconds']:.0f} s; {report['segments']} segments, "
+    name, key = ("WER", "long_form_wer") if lang.uses_spaces else ("CER", "long_form_cer")  # CER: no spaces
+    value = "n/a" if report[key] is None else f"{report[key]:.2f}"
+    say(f"long-form {name} {value} over {report['audio_seconds']:.0f} s; {report['segments']} segments, "
         + ("all inside the audio" if report["segments_inside_audio"] else
            f"{report['segments_outside_audio']} outside the audio")
-        + f"; {report['segments_without_leading_space']} starting without a space")
+        + (f"; {report['segments_without_leading_space']} starting without a space" if lang.uses_spaces else ""))
     say(f"wrote {out / 'long_form.json'}")
     return Exit.OK
 
