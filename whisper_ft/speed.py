@@ -187,18 +187,16 @@ class Readback:
     """
 
     def __init__(self, *values):
-        values = [v.full_tensor() if hasattr(v, "full_tensor") else v for v in values]  # a DTensor (FSDP2 norms)
-        self.event = None
-        if any(torch.is_tensor(v) and v.is_cuda for v in values):
-            copies = []
-            for v in values:
-                if torch.is_tensor(v) and v.is_cuda:
-                    host = torch.empty(v.shape, dtype=v.dtype, pin_memory=True)
-                    v = host.copy_(v.detach(), non_blocking=True)
-                copies.append(v)
-            values, self.event = copies, torch.cuda.Event()
-            self.event.record()
-        self._values = values
+        self._values, self.event = [], None
+        for v in values:
+            if hasattr(v, "full_tensor"):  # a DTensor (FSDP2's gradient norm)
+                v = v.full_tensor()
+            if torch.is_tensor(v) and v.is_cuda:
+                v = torch.empty(v.shape, dtype=v.dtype, pin_memory=True).copy_(v.detach(), non_blocking=True)
+                self.event = torch.cuda.Event()
+            self._values.append(v)
+        if self.event is not None:
+            self.event.record()  # after the copies: values() waits for them and what was queued before
 
     def values(self) -> list[float | None]:
         if self.event is not None:
