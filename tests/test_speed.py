@@ -170,9 +170,17 @@ def test_greedy_decoding_gives_the_tokens_of_generate(which, tiny_model, request
     cfg = Config(per_device_eval_batch_size=8, dataloader_num_workers=0)
     loader = batches.eval_loader(records, prepare, Collator(model.config.decoder_start_token_id), cfg, 0, 1)
     kwargs = generate_kwargs(model, 30)
-    _, rows, _ = evaluate(model, loader, processor.tokenizer, accelerator=Accelerator(cpu=True), generate_kwargs=kwargs)
+    encoder_calls = []
+    hook = model.get_encoder().register_forward_hook(lambda *_: encoder_calls.append(1))
+    metrics, rows, _ = evaluate(model, loader, processor.tokenizer, accelerator=Accelerator(cpu=True),
+                                generate_kwargs=kwargs)
+    hook.remove()
     [used] = model._whisper_ft_greedy.values()
     assert used is not None and used.caches == {}  # our loop ran, did not fall back, and freed its caches
+    assert len(encoder_calls) == len(loader) == 4  # once per batch: the loss and the decoding share it
+    loss_only, _, _ = evaluate(model, loader, processor.tokenizer, accelerator=Accelerator(cpu=True),
+                               generate_kwargs=None)
+    assert metrics["eval_loss"] == loss_only["eval_loss"]  # the shared encoder output is the loss forward's own
 
     ours = greedy.Greedy(model, processor.tokenizer.prefix_tokens, kwargs)
     padded = greedy.Greedy(model, processor.tokenizer.prefix_tokens, kwargs, rows=8)  # as with a compiled step
@@ -220,7 +228,7 @@ def test_greedy_decoding_falls_back_to_generate_once(tiny_model, monkeypatch):
     del model._whisper_ft_greedy
     calls = []
 
-    def broken(self, features):
+    def broken(self, features, encoder_states=None):
         calls.append(1)
         raise TypeError("forward() got an unexpected keyword argument 'cache'")
 

@@ -87,8 +87,13 @@ def evaluate(model, loader, tokenizer, accelerator, *, generate_kwargs: dict[str
         features = batch["input_features"].to(accelerator.device, non_blocking=True)
         labels = batch["labels"].to(accelerator.device, non_blocking=True)
         with sharding.fsdp1_root_weights(accelerator, model), accelerator.autocast():
-            logits = unwrapped(input_features=features, decoder_input_ids=shift_right(labels)).logits
-            generated = None if generate is None else generate(features)
+            if generate is None:
+                logits = unwrapped(input_features=features, decoder_input_ids=shift_right(labels)).logits
+                generated = None
+            else:  # the encoder once, for the loss and the decoding (generation never runs on sharded weights)
+                encoded = unwrapped.get_encoder()(features).last_hidden_state
+                logits = unwrapped(encoder_outputs=(encoded,), decoder_input_ids=shift_right(labels)).logits
+                generated = generate(features, encoded)
         if not batch["ids"]:  # a placeholder (sharded modes): it only kept this process in step
             continue
         loss_sum += token_loss_sum(logits, labels).item()

@@ -3,9 +3,10 @@
 transformers' generate() spends most of each token outside the model: on an H200 (whisper-small shape, batch 32,
 bf16, static cache, compiled step) a token took 5.2 ms of which the compiled decoder step was 1.75 ms; the rest is
 some 290 small kernels and two host synchronisations per token (logits processors, stopping criteria, input
-bookkeeping). This loop does the same greedy search with what it needs: the encoder once, the prompt in one
-forward that also fills the cross-attention cache, then one decoder step per token, the suppressed tokens masked,
-and a check for "every row has ended" every CHECK_EVERY tokens instead of every token.
+bookkeeping). This loop does the same greedy search with what it needs: the encoder once (evaluation hands over
+the states it computed for its loss), the prompt in one forward that also fills the cross-attention cache, then
+one decoder step per token, the suppressed tokens masked, and a check for "every row has ended" every
+CHECK_EVERY tokens instead of every token.
 
 It produces the token ids of generate(**model.generate_kwargs(...)) for short-form transcription without
 timestamps: the prompt is the tokenizer's prefix (start, language, task, no-timestamps, as configured by
@@ -74,15 +75,20 @@ class Greedy:
         return self.caches[batch, frames]
 
     @torch.no_grad()
-    def __call__(self, input_features: torch.Tensor) -> torch.Tensor:
-        """(batch, prompt + new tokens): the prompt, then greedy tokens; rows that ended hold EOS after it."""
+    def __call__(self, input_features: torch.Tensor, encoder_states: torch.Tensor | None = None) -> torch.Tensor:
+        """(batch, prompt + new tokens): the prompt, then greedy tokens; rows that ended hold EOS after it.
+
+        encoder_states: the encoder's output for these features, when the caller has it (evaluation runs the
+        encoder once for its loss and for this)."""
         from whisper_ft.collate import zero_rows
 
         # an eval set's last batch, or one with bad samples dropped: silent rows, ended from the start, rather
         # than a new shape that recompiles the step (DESIGN: recompiling on batch size)
-        real, input_features = input_features.shape[0], zero_rows(input_features, self.rows)
-        device, batch = input_features.device, input_features.shape[0]
-        encoder_states = self.model.get_encoder()(input_features).last_hidden_state
+        real, device = input_features.shape[0], input_features.device
+        if encoder_states is None:
+            encoder_states = self.model.get_encoder()(input_features).last_hidden_state
+        encoder_states = zero_rows(encoder_states, self.rows)  # the padded rows are ended: their states are unread
+        batch = encoder_states.shape[0]
         cache = self._cache(batch, encoder_states.shape[1])
         n = len(self.prefix)
         tokens = torch.tensor(self.prefix, device=device).expand(batch, n)
@@ -126,10 +132,10 @@ class Decoding:
             self.key, self.made = key, made
             self.greedy = made[key]
 
-    def __call__(self, features: torch.Tensor) -> torch.Tensor:
+    def __call__(self, features: torch.Tensor, encoder_states: torch.Tensor | None = None) -> torch.Tensor:
         if self.greedy is not None:
             try:
-                return self.greedy(features)
+                return self.greedy(features, encoder_states)
             except Exception as e:  # noqa: BLE001 - any failure of our loop; generate() raises real input errors again
                 import warnings
 
