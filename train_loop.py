@@ -343,7 +343,7 @@ def settle(run: Run) -> None:
 
     Called for the step before while the next one runs, and before anything that logs, evaluates or saves.
     """
-    from whisper_ft import stopping
+    from whisper_ft import stopping, trainable
 
     queued, run.pending = run.pending, None
     if queued is None:
@@ -351,7 +351,7 @@ def settle(run: Run) -> None:
     cfg, state = run.cfg, run.state
     loss_sum, norm = queued.loss_and_norm.values()
     loss = loss_sum / max(1, queued.tokens)
-    if math.isfinite(loss) and (norm is None or math.isfinite(norm)):
+    if trainable.finite(loss, norm):
         state.nonfinite_in_row = 0
     else:
         state.nonfinite_in_row += 1

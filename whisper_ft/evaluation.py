@@ -87,17 +87,16 @@ def evaluate(model, loader, tokenizer, accelerator, *, generate_kwargs: dict[str
         features = batch["input_features"].to(accelerator.device, non_blocking=True)
         labels = batch["labels"].to(accelerator.device, non_blocking=True)
         with sharding.fsdp1_root_weights(accelerator, model), accelerator.autocast():
-            if generate is None:
-                logits = unwrapped(input_features=features, decoder_input_ids=shift_right(labels)).logits
-                generated = None
-            else:  # the encoder once, for the loss and the decoding (generation never runs on sharded weights)
-                encoded = unwrapped.get_encoder()(features).last_hidden_state
-                logits = unwrapped(encoder_outputs=(encoded,), decoder_input_ids=shift_right(labels)).logits
-                generated = generate(features, encoded)
+            # with decoding, the encoder once for the loss and the decoding (generation never runs on sharded
+            # weights); given encoder_outputs, the forward does not run the encoder on input_features again
+            encoded = None if generate is None else unwrapped.get_encoder()(features).last_hidden_state
+            logits = unwrapped(input_features=features, encoder_outputs=None if encoded is None else (encoded,),
+                               decoder_input_ids=shift_right(labels)).logits
+            generated = None if generate is None else generate(features, encoded)
         if not batch["ids"]:  # a placeholder (sharded modes): it only kept this process in step
             continue
         loss_sum += token_loss_sum(logits, labels).item()
-        tokens += int((labels != IGNORE_INDEX).sum())
+        tokens += batch["tokens"]  # the collator's count of label tokens: no read-back from the device
         references = tokenizer.batch_decode(labels.masked_fill(labels == IGNORE_INDEX, tokenizer.eos_token_id),
                                             skip_special_tokens=True)
         predictions = [""] * len(references) if generated is None else \

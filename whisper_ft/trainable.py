@@ -112,6 +112,11 @@ def skips_on_device(optimizer, accelerator) -> bool:
             and accelerator.distributed_type.name not in ("FSDP", "DEEPSPEED"))
 
 
+def finite(loss: float, grad_norm: float | None) -> bool:
+    """A step worth its update: a finite loss and, where the gradients were clipped, a finite norm."""
+    return math.isfinite(loss) and (grad_norm is None or math.isfinite(grad_norm))
+
+
 def step_unless_nonfinite(optimizer, loss: torch.Tensor, grad_norm: torch.Tensor | None, on_device: bool) -> None:
     """optimizer.step(), skipped when the step's loss or gradient norm (equal on every process) is NaN/inf.
 
@@ -121,7 +126,7 @@ def step_unless_nonfinite(optimizer, loss: torch.Tensor, grad_norm: torch.Tensor
     Otherwise both are read back here and the step is skipped by not calling it.
     """
     if not on_device:
-        if math.isfinite(float(loss)) and (grad_norm is None or math.isfinite(float(grad_norm))):
+        if finite(float(loss), None if grad_norm is None else float(grad_norm)):
             optimizer.step()
         return
     wrapped = optimizer.optimizer
