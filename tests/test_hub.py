@@ -246,6 +246,32 @@ def test_model_card_reports_the_exported_steps_metrics(tmp_path):
     assert "transformers " in card and "torch " in card and "accelerate " in card
 
 
+def test_a_language_without_spaces_is_reported_by_cer(tmp_path):
+    """In Chinese WER counts a whole sentence as one word: the Hub's model-index gets CER alone, and the card's
+    tables lead with it."""
+    from whisper_ft import hub
+    from whisper_ft.config import load_config
+    from whisper_ft.languages import resolve
+
+    rows = [{"step": 0, "eval_loss": 5.0, "eval_wer": 100.0, "eval_cer": 60.0, "eval_wer_ortho": 100.0,
+             "eval/cv/wer": 100.0, "eval/cv/cer": 60.0, "eval/cv/loss": 5.0},
+            {"step": 10, "eval_loss": 2.0, "eval_wer": 90.0, "eval_cer": 20.0, "eval_wer_ortho": 95.0,
+             "eval/cv/wer": 90.0, "eval/cv/cer": 20.0, "eval/cv/loss": 2.0}]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    cfg = load_config(["--lang", "zh", "--checkpoint-dir", str(tmp_path), "--metric-for-best-model", "cer",
+                       "--eval-sets", "{cv: {split: test}}"], env={})
+    card = hub.write_model_card(tmp_path, cfg, resolve("zh"), {"step": 10, "best_step": 10}).read_text()
+    meta = yaml.safe_load(card.split("---\n")[1])
+    fine, base = meta["model-index"]
+    assert meta["metrics"] == ["cer"]
+    assert [(m["type"], m["value"]) for m in fine["results"][0]["metrics"]] == [("cer", 20.0)]
+    assert [(m["type"], m["value"]) for m in base["results"][0]["metrics"]] == [("cer", 60.0)]
+    results = card.split("## Results")[1]
+    assert results.index("| CER, normalised (%) | 60.00 | 20.00 |") < results.index("| WER, normalised (%) |")
+    assert "written without spaces" in results
+    assert "| CER base | CER this model |" in results and "| 60.00 | 20.00 | 5.00 | 2.00 |" in results
+
+
 def test_worse_than_base_is_said_plainly_with_advice(tmp_path):
     from whisper_ft import hub
     from whisper_ft.config import load_config

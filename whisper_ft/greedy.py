@@ -95,11 +95,12 @@ class Greedy:
         # the prompt in one eager forward: it fills the self-attention cache up to n and the cross-attention cache
         positions = torch.arange(n, device=device).expand(batch, n)
         logits = self._logits(tokens, encoder_states, cache, positions)
-        suppress, begin = self.suppress.to(device), self.begin_suppress.to(device)
+        if self.suppress.device != device:  # once: a copy from pageable memory waits for the GPU
+            self.suppress, self.begin_suppress = self.suppress.to(device), self.begin_suppress.to(device)
         step = self.compiled or self._logits
         out, ended = [tokens], torch.arange(batch, device=device) >= real
         for i in range(self.total - n):
-            logits = logits.masked_fill(begin if i == 0 else suppress, float("-inf"))
+            logits = logits.masked_fill(self.begin_suppress if i == 0 else self.suppress, float("-inf"))
             token = torch.where(ended, self.eos, logits.argmax(-1))
             out.append(token[:, None])
             ended |= token == self.eos

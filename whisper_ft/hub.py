@@ -117,9 +117,12 @@ def model_card(cfg, lang, state: dict[str, Any], evals: list[dict[str, Any]]) ->
     data_name = _shown(first["dataset_name"])
     exported_step = final.get("step", state.get("step"))
 
+    # Written without spaces, a language's WER counts a whole sentence as one word: the Hub gets its CER only.
+    kinds = (("wer", "wer", "WER"), ("cer", "cer", "CER"), ("wer_ortho", "wer", "Orthographic WER")) \
+        if lang.uses_spaces else (("cer", "cer", "CER"),)
+
     def result(metrics: dict[str, Any], prefix: str, spec: dict[str, str]) -> list[dict[str, Any]]:
-        values = [{"type": kind, "value": round(metrics[prefix + key], 2), "name": name} for key, kind, name in
-                  (("wer", "wer", "WER"), ("cer", "cer", "CER"), ("wer_ortho", "wer", "Orthographic WER"))
+        values = [{"type": kind, "value": round(metrics[prefix + key], 2), "name": name} for key, kind, name in kinds
                   if metrics.get(prefix + key) is not None]
         if not values:
             return []
@@ -148,12 +151,16 @@ def model_card(cfg, lang, state: dict[str, Any], evals: list[dict[str, Any]]) ->
             "tags": ["whisper", "whisper-ft", "automatic-speech-recognition"],
             **({"datasets": list(dict.fromkeys(d for d in (hub_id(cfg.dataset_name), dataset) if d))}
                if hub_id(cfg.dataset_name) or dataset else {}),
-            "metrics": ["wer", "cer"], "model-index": index}
+            "metrics": list(dict.fromkeys(kind for _, kind, _ in kinds)), "model-index": index}
     bad = (state.get("bad") or {}).get("counts") or {}
     fmt = lambda v: "n/a" if v is None else f"{v:.2f}"  # noqa: E731
-    rows = "\n".join(f"| {name} | {fmt(base.get(key))} | {fmt(final.get(key))} |" for key, name in
-                     (("eval_wer", "WER, normalised (%)"), ("eval_cer", "CER, normalised (%)"),
-                      ("eval_wer_ortho", "WER, orthographic (%)"), ("eval_loss", "eval loss (per token)")))
+    table = [("eval_wer", "WER, normalised (%)"), ("eval_cer", "CER, normalised (%)"),
+             ("eval_wer_ortho", "WER, orthographic (%)"), ("eval_loss", "eval loss (per token)")]
+    if not lang.uses_spaces:
+        table = [table[1], table[3], table[0], table[2]]
+    rows = "\n".join(f"| {name} | {fmt(base.get(key))} | {fmt(final.get(key))} |" for key, name in table)
+    spaces = "" if lang.uses_spaces else (f"\n{lang.name.title()} is written without spaces between words, so CER is "
+                                          "the measure; WER counts a whole sentence as one word.\n")
     model_id = cfg.hub_model_id or cfg.checkpoint_name
     data = f"`{data_name}`" + (f" (config `{first['dataset_config']}`)" if first["dataset_config"] else "")
     train_data = f"`{_shown(cfg.dataset_name)}`" + (f" (config `{cfg.dataset_config}`)" if cfg.dataset_config else "")
@@ -165,7 +172,7 @@ def model_card(cfg, lang, state: dict[str, Any], evals: list[dict[str, Any]]) ->
     origin = f"`{base_id}`" if base_id else f"a local model (`{_shown(cfg.whisper_pretrained)}`)"
     evaluated_on = (", ".join(f"`{n}`" for n in sets) + " (the first chose the model)") if cfg.eval_sets \
         else f"`{cfg.eval_split}`"
-    all_sets = sets_table(sets, base, final) if cfg.eval_sets else ""
+    all_sets = sets_table(sets, base, final, "wer" if lang.uses_spaces else "cer") if cfg.eval_sets else ""
     worse = worse_than_base(cfg, base, final)
     warning = f"\n**Warning:** {worse}\n" if worse else ""
     return f"""---
@@ -184,7 +191,7 @@ Fine-tuned from {origin} to {cfg.task} {lang.name.title()} speech with whisper-f
 
 Both evaluated by generation on {data} split `{first['split']}` ({samples} samples). Normalised: lowercase,
 without punctuation and symbols, combining marks kept; orthographic: the raw text.
-{all_sets}
+{spaces}{all_sets}
 ## Training
 
 - data: {train_data}; trained on split `{cfg.train_split}`, evaluated on {evaluated_on}
@@ -219,15 +226,16 @@ With whisper-ft: `python -m whisper_ft.cli.transcribe --model {model_id} recordi
 """
 
 
-def sets_table(sets: dict[str, dict[str, str]], base: dict[str, Any], final: dict[str, Any]) -> str:
+def sets_table(sets: dict[str, dict[str, str]], base: dict[str, Any], final: dict[str, Any], metric: str) -> str:
     """Every named evaluation set, base and fine-tuned: what fine-tuning gained, and what it cost elsewhere."""
     fmt = lambda v: "n/a" if v is None else f"{v:.2f}"  # noqa: E731
     rows = [f"| {name} | `{_shown(spec['dataset_name'])}` `{spec['split']}` | {final.get(f'eval/{name}/samples', 'n/a')} | "
-            f"{fmt(base.get(f'eval/{name}/wer'))} | {fmt(final.get(f'eval/{name}/wer'))} | "
+            f"{fmt(base.get(f'eval/{name}/{metric}'))} | {fmt(final.get(f'eval/{name}/{metric}'))} | "
             f"{fmt(base.get(f'eval/{name}/loss'))} | {fmt(final.get(f'eval/{name}/loss'))} |"
             for name, spec in sets.items()]
+    m = metric.upper()
     return ("\nAll evaluation sets (the first chose the exported model; a set outside the training domain shows what "
-            "fine-tuning cost there):\n\n| set | data, split | samples | WER base | WER this model | loss base | "
+            f"fine-tuning cost there):\n\n| set | data, split | samples | {m} base | {m} this model | loss base | "
             "loss this model |\n|---|---|---|---|---|---|---|\n" + "\n".join(rows) + "\n")
 
 
