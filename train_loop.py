@@ -90,6 +90,7 @@ class Run:
     window: Any = None  # speed.Window: what the next log line reports
     pending: Any = None  # Queued: the last step, until settle() reads its loss back
     skips_on_device: bool = False  # a NaN/inf step is skipped without a read-back (trainable.skips_on_device)
+    count_group: Any = None  # where several processes sum the step's counts on the host (batches.count_group)
     named_eval_bad: set[str] = field(default_factory=set)  # eval sets whose unusable samples were named
 
 
@@ -164,6 +165,7 @@ def setup(run: Run) -> None:
     run.model, run.optimizer = accelerator.prepare(model, optimizer)
     trainable.keep_trainable_only(accelerator, cfg)  # checkpoints of LoRA/frozen runs skip the frozen base
     run.skips_on_device = trainable.skips_on_device(run.optimizer, accelerator)
+    run.count_group = batches.count_group(accelerator)
     run.forward = speed.CompiledForward(run.model, run.compile_on, lambda m: say(m, to_bar=True))
     say(f"attention {accelerator.unwrap_model(run.model).config._attn_implementation}, "
         f"torch_compile {'on' if run.compile_on else 'off'}, gradient checkpointing {cfg.gradient_checkpointing}")
@@ -309,7 +311,7 @@ def train_step(run: Run, inject_nan: bool) -> Queued:
     # What every process must agree on before the forward: label tokens of the whole optimizer step (the loss
     # is normalised by them, DESIGN: loss normalisation), samples, audio, bad samples, a stop signal anywhere.
     step_tokens, samples, seconds, n_bad, n_seen, stop = batches.step_totals(micro, accelerator,
-                                                                            run.stopper.requested())
+                                                                            run.stopper.requested(), run.count_group)
     if n_bad:  # rare: collect the bad samples of all processes so every process counts the same
         for b in batches.gather_bad(micro):
             state.bad.add(b)

@@ -1,5 +1,5 @@
-"""Several machines, on CPU: two torchrun "machines" on localhost (gloo) against one process; and the
-FSDP/DeepSpeed combinations that are refused before anything starts (neither runs on CPU: see README)."""
+"""Several machines, on CPU: two torchrun "machines" on localhost (gloo) against one process; where several
+processes sum the step's counts; and the FSDP/DeepSpeed combinations that are refused before anything starts (neither runs on CPU: see README)."""
 
 import json
 import os
@@ -163,6 +163,37 @@ def problems(tmp_path, env: dict, **overrides) -> str:
     with pytest.raises(ConfigError) as e:
         load_config(["--config", str(path)], env=env, training=True)
     return str(e.value)
+
+
+def test_processes_on_one_machine_sum_the_step_counts_on_the_host(monkeypatch):
+    """Summed on a GPU, the step's counts could only be read back after the step before had finished (DESIGN:
+    host syncs). With every process on one machine they are summed over gloo on the host; across machines, on
+    the device (gloo there would have to find the network interface by itself). The two-process runs elsewhere
+    check that training through either path gives the one-process results."""
+    import torch.distributed as dist
+
+    from whisper_ft import batches
+
+    class GPUs:  # two NCCL processes; the counts must not be summed through accelerate on the device
+        num_processes, device = 2, "cuda:0"
+
+        def reduce(self, *args, **kwargs):
+            raise AssertionError("the step's counts were summed on the device")
+
+    micro = [{"tokens": 7, "ids": ["a", "b"], "seconds": 3.5, "bad": []},
+             {"tokens": 5, "ids": ["c"], "seconds": 1.0, "bad": ["d"]}]
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:  # a real gloo all-reduce, of one rank here
+        assert batches.step_totals(micro, GPUs(), True, dist.group.WORLD) == (12, 3, 4.5, 1, 4, True)
+    finally:
+        dist.destroy_process_group()
+    made = []
+    monkeypatch.setattr(dist, "get_backend", lambda *args: "nccl")
+    monkeypatch.setattr(dist, "new_group", lambda **kwargs: made.append(kwargs) or "a gloo group")
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")  # both processes on this machine
+    assert batches.count_group(GPUs()) == "a gloo group" and made == [{"backend": "gloo"}]
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "1")  # two machines of one process each
+    assert batches.count_group(GPUs()) is None
 
 
 def test_fsdp_on_cpu_is_refused_not_silently_turned_into_data_parallelism(tmp_path):

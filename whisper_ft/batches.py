@@ -7,6 +7,7 @@ command uses its eval_loader too."""
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import torch
@@ -339,17 +340,37 @@ def train_batches(records, prepare, collate, cfg: Config, rank: int, world: int,
     return StreamBatches(records, prepare, collate, cfg.per_device_train_batch_size, rank, world)
 
 
-def step_totals(micro: list[dict[str, Any]], accelerator,
-                stop: bool) -> tuple[int, int, float, int, int, bool]:
+def count_group(accelerator):
+    """The process group that sums step_totals on the host (gloo), or None: on the device, or only one process.
+
+    The counts are host numbers. Summed on the GPU, reading the sum back waits for the whole step queued before it,
+    and the card idles while the host queues the next (DESIGN: host syncs); over gloo they never touch the GPU.
+    Only where every process is on one machine: across machines gloo must find the right network interface by
+    itself (else GLOO_SOCKET_IFNAME), and a multi-node run whose NCCL works must not fail on that at its start.
+    Called once by every process, at setup: creating a group is a collective.
+    """
+    world, dist = accelerator.num_processes, torch.distributed
+    if world == 1 or os.environ.get("LOCAL_WORLD_SIZE") != str(world):
+        return None
+    return dist.group.WORLD if dist.get_backend() == "gloo" else dist.new_group(backend="gloo")
+
+
+def step_totals(micro: list[dict[str, Any]], accelerator, stop: bool,
+                group=None) -> tuple[int, int, float, int, int, bool]:
     """(label tokens, samples, audio seconds, bad samples, samples drawn) of one optimizer step, all processes, and
     whether any process was asked to stop (`stop`: this one was).
 
-    One process counts on the host; several sum theirs in one all-reduce, the loop's one read-back per step.
+    One process counts on the host; several sum theirs in one all-reduce: on the host over `group`
+    (count_group), else on the device, the loop's one read-back per step in a run across machines.
     """
     local = [sum(mb["tokens"] for mb in micro), sum(len(mb["ids"]) for mb in micro),
              sum(mb["seconds"] for mb in micro), sum(len(mb["bad"]) for mb in micro),
              sum(len(mb["ids"]) + len(mb["bad"]) for mb in micro), int(stop)]
-    if accelerator.num_processes > 1:
+    if group is not None:
+        totals = torch.tensor(local, dtype=torch.float64)
+        torch.distributed.all_reduce(totals, group=group)
+        local = totals.tolist()
+    elif accelerator.num_processes > 1:
         local = accelerator.reduce(torch.tensor(local, dtype=torch.float64, device=accelerator.device), "sum").tolist()
     tokens, samples, seconds, bad, seen, stops = local
     return int(tokens), int(samples), seconds, int(bad), int(seen), stops > 0
