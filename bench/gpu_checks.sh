@@ -1,0 +1,32 @@
+#!/usr/bin/env bash
+# The GPU figures and checks that issues 8 and 11 still lack, as one script for a GPU machine lent for a few
+# minutes. Each part has its own time limit, so a slow one cannot starve the rest; results go to $OUT.
+#   OUT=gpu-results bash bench/gpu_checks.sh [part ...]
+# Parts, in the default order (most wanted first), with their limits:
+#   guide      issue 8: the guide's settings (fp16, batch 16, checkpointing) against the Trainer   200 s
+#   tests      tests/test_gpu.py: FSDP and DeepSpeed ZeRO-2/3 at world size 1, the queued step's
+#              read-backs on CUDA, the compiled greedy step against generate() in fp32              300 s
+#   eval_fp32  issue 8: evaluation against predict_with_generate in fp32 (identical transcripts)   150 s
+#   lora       issue 11: large-v3 shape, full against LoRA, both compiled (torch_compile auto)      300 s
+#   batch32    issue 8: the shipped settings (bf16, batch 32, no checkpointing) against the Trainer 240 s
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-gpu-results}
+mkdir -p "$OUT"
+export HF_HUB_OFFLINE=1
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader > "$OUT/card.txt" 2>&1
+for part in ${*:-guide tests eval_fp32 lora batch32}; do
+  start=$SECONDS
+  case $part in
+    guide) timeout 200 python bench/bench_gpu.py --guide --skip ceiling eval --steps 30 --log-every 10 \
+             --json "$OUT/guide.json" > /dev/null 2> "$OUT/guide.log" ;;
+    tests) timeout 300 python -m pytest -q -p no:cacheprovider tests/test_gpu.py > "$OUT/tests.log" 2>&1 ;;
+    eval_fp32) timeout 150 python bench/bench_gpu.py --skip train trainer ceiling --eval-samples 64 \
+             --precision fp32 --json "$OUT/eval_fp32.json" > /dev/null 2> "$OUT/eval_fp32.log" ;;
+    lora) timeout 300 python bench/bench_memory.py --modes full lora --steps 10 > "$OUT/lora.md" 2> "$OUT/lora.log" ;;
+    batch32) timeout 240 python bench/bench_gpu.py --skip ceiling eval --steps 40 --log-every 10 \
+             --json "$OUT/batch32.json" > /dev/null 2> "$OUT/batch32.log" ;;
+    *) echo "unknown part: $part (guide tests eval_fp32 lora batch32)" >&2; exit 2 ;;
+  esac
+  echo "$part: exit $?, $((SECONDS - start)) s" | tee -a "$OUT/parts.txt"
+done
