@@ -261,18 +261,22 @@ def test_eval_batches_are_ordered_by_length():
     assert sorted(shards[0] + shards[1]) == sorted(r.id for r in records)  # each sample on exactly one process
 
 
-def test_compiled_training_matches_eager_per_step(tiny_model_1layer, tmp_path):
+@pytest.mark.parametrize("mode", ["full", "lora"])
+def test_compiled_training_matches_eager_per_step(mode, tiny_model_1layer, tmp_path):
     """train_loop.py with torch_compile: true (forced on CPU) against false: per-step losses within rel 1e-4.
 
     fp32; the compiled side also pads labels to buckets and the epoch's short last batch (25 clips at batch
     8: step 4 has one) to full size, without a recompilation. Inductor on CPU fuses and reorders float sums,
-    so the losses are close, not bitwise equal. About 1-2 minutes on 2 CPU cores, almost all of it compiling.
+    so the losses are close, not bitwise equal. LoRA too: on a GPU, compiling is what fuses peft's element-wise
+    work around each adapter (its dropout is off here: compiled code draws other random numbers). About 20 s
+    (full) and 40 s (LoRA) on 2 CPU cores, almost all of it compiling.
     """
+    extra = {"lora_r": 4, "lora_dropout": 0.0} if mode == "lora" else {}
     losses, started = {}, time.perf_counter()
     for compile_on in ("false", "true"):
         out = tmp_path / compile_on
         cfg = base_config(tiny_model_1layer, out, max_steps=4, per_device_train_batch_size=8, eval_strategy="no",
-                          load_best_model_at_end=False, torch_compile=compile_on)
+                          load_best_model_at_end=False, torch_compile=compile_on, **extra)
         proc = run_train(cfg, tmp_path)
         assert proc.returncode == 0, proc.stderr[-3000:]
         assert f"torch_compile {'on' if compile_on == 'true' else 'off'}" in proc.stderr
