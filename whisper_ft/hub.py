@@ -154,11 +154,10 @@ def model_card(cfg, lang, state: dict[str, Any], evals: list[dict[str, Any]]) ->
             "metrics": list(dict.fromkeys(kind for _, kind, _ in kinds)), "model-index": index}
     bad = (state.get("bad") or {}).get("counts") or {}
     fmt = lambda v: "n/a" if v is None else f"{v:.2f}"  # noqa: E731
-    table = [("eval_wer", "WER, normalised (%)"), ("eval_cer", "CER, normalised (%)"),
-             ("eval_wer_ortho", "WER, orthographic (%)"), ("eval_loss", "eval loss (per token)")]
-    if not lang.uses_spaces:
-        table = [table[1], table[3], table[0], table[2]]
-    rows = "\n".join(f"| {name} | {fmt(base.get(key))} | {fmt(final.get(key))} |" for key, name in table)
+    names = {"wer": "WER, normalised (%)", "cer": "CER, normalised (%)", "wer_ortho": "WER, orthographic (%)",
+             "loss": "eval loss (per token)"}
+    order = ("wer", "cer", "wer_ortho", "loss") if lang.uses_spaces else ("cer", "loss", "wer", "wer_ortho")
+    rows = "\n".join(f"| {names[k]} | {fmt(base.get('eval_' + k))} | {fmt(final.get('eval_' + k))} |" for k in order)
     spaces = "" if lang.uses_spaces else (f"\n{lang.name.title()} is written without spaces between words, so CER is "
                                           "the measure; WER counts a whole sentence as one word.\n")
     model_id = cfg.hub_model_id or cfg.checkpoint_name
@@ -172,7 +171,7 @@ def model_card(cfg, lang, state: dict[str, Any], evals: list[dict[str, Any]]) ->
     origin = f"`{base_id}`" if base_id else f"a local model (`{_shown(cfg.whisper_pretrained)}`)"
     evaluated_on = (", ".join(f"`{n}`" for n in sets) + " (the first chose the model)") if cfg.eval_sets \
         else f"`{cfg.eval_split}`"
-    all_sets = sets_table(sets, base, final, "wer" if lang.uses_spaces else "cer") if cfg.eval_sets else ""
+    all_sets = sets_table(sets, base, final, order[0]) if cfg.eval_sets else ""
     worse = worse_than_base(cfg, base, final)
     warning = f"\n**Warning:** {worse}\n" if worse else ""
     return f"""---
