@@ -6,16 +6,19 @@
 #   guide      issue 8: the guide's settings (fp16, batch 16, checkpointing) against the Trainer   200 s
 #   tests      tests/test_gpu.py: FSDP and DeepSpeed ZeRO-2/3 at world size 1, the queued step's
 #              read-backs on CUDA, the compiled greedy step against generate() in fp32              300 s
-#   eval_fp32  issue 8: evaluation against predict_with_generate in fp32 (identical transcripts)   150 s
 #   lora       issue 11: large-v3 shape, full against LoRA, both compiled (torch_compile auto)      300 s
+#   eval_fp32  issue 8: evaluation against predict_with_generate in fp32 (identical transcripts)   150 s
 #   batch32    issue 8: the shipped settings (bf16, batch 32, no checkpointing) against the Trainer 240 s
+#   memtable   issue 8: peak memory of small, medium, large-v3 x checkpointing false/encoder/true    420 s
+# One device call may run 600 s and a session gets about 900 s of device time, start-up included: pass two or
+# three parts per call (e.g. "guide tests", then "lora eval_fp32").
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-gpu-results}
 mkdir -p "$OUT"
 export HF_HUB_OFFLINE=1
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader > "$OUT/card.txt" 2>&1
-for part in ${*:-guide tests eval_fp32 lora batch32}; do
+for part in ${*:-guide tests lora eval_fp32 batch32 memtable}; do
   start=$SECONDS
   case $part in
     guide) timeout 200 python bench/bench_gpu.py --guide --skip ceiling eval --steps 30 --log-every 10 \
@@ -26,7 +29,9 @@ for part in ${*:-guide tests eval_fp32 lora batch32}; do
     lora) timeout 300 python bench/bench_memory.py --modes full lora --steps 10 > "$OUT/lora.md" 2> "$OUT/lora.log" ;;
     batch32) timeout 240 python bench/bench_gpu.py --skip ceiling eval --steps 40 --log-every 10 \
              --json "$OUT/batch32.json" > /dev/null 2> "$OUT/batch32.log" ;;
-    *) echo "unknown part: $part (guide tests eval_fp32 lora batch32)" >&2; exit 2 ;;
+    memtable) timeout 420 python bench/bench_gpu.py --memory-table --torch-compile false --memory-steps 6 \
+             --json "$OUT/memtable.json" > /dev/null 2> "$OUT/memtable.log" ;;
+    *) echo "unknown part: $part (guide tests eval_fp32 lora batch32 memtable)" >&2; exit 2 ;;
   esac
   echo "$part: exit $?, $((SECONDS - start)) s" | tee -a "$OUT/parts.txt"
 done
