@@ -98,6 +98,31 @@ def straight_and_resumed(model: Path, tmp: Path, cfg: dict, stops: tuple[int, ..
     return straight, resumed, first, proc
 
 
+def assert_queued_without_readbacks(model: Path, tmp: Path, **overrides) -> subprocess.CompletedProcess:
+    """8 steps counted by tests/workers/count_readbacks.py, a NaN injected at step 3: train_step reads nothing
+    back, settle() at most the loss and norm of two steps (at a log step), the rest only where it logs or saves
+    (steps 4 and 8), and the NaN step is still skipped and counted. Returns the run's process."""
+    out = tmp / "run"
+    cfg = base_config(model, out, max_steps=8, logging_steps=4, save_steps=8, eval_strategy="no",
+                      load_best_model_at_end=False, dataloader_num_workers=1, **overrides)  # audio reads: elsewhere
+    path = tmp / "config.yaml"
+    path.write_text(yaml.safe_dump(cfg), encoding="utf-8")
+    proc = subprocess.run([sys.executable, str(ROOT / "tests" / "workers" / "count_readbacks.py"), str(path),
+                           str(tmp / "counts.json")], cwd=ROOT, capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "WHISPER_FT_INJECT_NAN": "3"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads((tmp / "counts.json").read_text())
+    assert result["exit"] == 0
+    steps = result["steps"]
+    assert len(steps) == 8
+    assert [s["train_step"] for s in steps] == [0] * 8
+    assert all(s["settle"] <= 4 for s in steps)
+    assert [s["elsewhere"] for i, s in enumerate(steps, 1) if i not in (4, 8)] == [0] * 6
+    assert "step 3: loss is nan; update skipped" in proc.stderr
+    assert [r["nonfinite_steps"] for r in metrics(out) if "loss" in r] == [1, 1]
+    return proc
+
+
 @pytest.fixture(scope="session")
 def tiny_model_1layer(tmp_path_factory) -> Path:
     """One layer each side, d_model 32: the smallest graph for the torch.compile test (compiling is slow on CPU)."""

@@ -2,27 +2,25 @@
 
     HF_HUB_OFFLINE=1 python -m pytest -q tests/test_gpu.py        # a few minutes on one GPU
 
-- FSDP and DeepSpeed ZeRO-2/3 through the shipped accelerate configs at world size 1: a stop and a resume, the
-  best checkpoint reloaded at the end, and a whole exported model that reproduces the best evaluation.
+- FSDP and DeepSpeed ZeRO-2/3 through the shipped accelerate configs at world size 1: a compiled run, a stop and
+  a resume, the best checkpoint reloaded at the end, and a whole exported model that reproduces its evaluation.
 - A training step queued on CUDA reads nothing back (speed.Readback's pinned copies and event, the fused AdamW's
   found_inf): the CPU test counts the same op, but only here does a read-back wait for a GPU.
 - Evaluation's greedy step compiled into a CUDA graph over the static cache gives generate()'s tokens, in fp32.
 
-fp32 throughout: GPU kernels reorder float sums from run to run less than they do between CPU and GPU, but
-not never, so resumed and sharded runs are compared with a tolerance (rel 1e-4), not bit for bit.
+fp32 throughout. Sharded, compiled and resumed runs are compared with a tolerance (rel 1e-4), not bit for bit:
+compiled kernels sum in another order, and some GPU backward kernels (attention's) accumulate with atomics.
 """
 
 import importlib.util
 import json
-import os
-import subprocess
 import sys
 
 import pytest
 import torch
 import yaml
 
-from conftest import CV_EN, ROOT, base_config, metrics, run_train, train_rows
+from conftest import CV_EN, ROOT, assert_queued_without_readbacks, base_config, metrics, run_train, train_rows
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU: run on a GPU machine")
 
@@ -42,14 +40,18 @@ def close_rows(a: list[tuple], b: list[tuple], rel: float = 1e-4) -> bool:
 def test_sharded_run_resumes_reloads_the_best_and_exports_a_whole_model(config_file, tiny_model, tmp_path):
     """greater_is_better turned round makes the first evaluation (step 2) the best while the loss falls, so
     finish() reloads checkpoint-2 under the sharding, then gathers and exports it. A learning rate high enough
-    to make a later evaluation worse would also make the runs chaotic: the tolerance would have to go."""
+    to make a later evaluation worse would also make the runs chaotic: the tolerance would have to go.
+    The straight run compiles its forward (torch_compile's default on a GPU) under the sharding; the resumed and
+    the plain runs are eager."""
     if config_file.startswith("deepspeed") and importlib.util.find_spec("deepspeed") is None:
         pytest.skip("DeepSpeed is not installed (pip install deepspeed)")
     cfg = dict(max_steps=6, eval_steps=2, save_steps=2, greater_is_better=True, save_total_limit=0,
                torch_compile="false")
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
-    first = run_train(base_config(tiny_model, straight, **cfg), tmp_path, launcher=launch(config_file))
+    first = run_train(base_config(tiny_model, straight, **{**cfg, "torch_compile": "true"}), tmp_path,
+                      launcher=launch(config_file))
     assert first.returncode == 0, first.stderr[-3000:]
+    assert "torch_compile on" in first.stderr and "compilation failed" not in first.stderr
     for stop in (4, 6):
         proc = run_train(base_config(tiny_model, resumed, **cfg), tmp_path, "--stop-at-step", str(stop),
                          launcher=launch(config_file))
@@ -57,7 +59,7 @@ def test_sharded_run_resumes_reloads_the_best_and_exports_a_whole_model(config_f
     assert "resumed from" in proc.stderr and "exporting that model" in proc.stderr
     plain = tmp_path / "plain"  # the same run in one plain process: sharding must change no number
     assert run_train(base_config(tiny_model, plain, **cfg), tmp_path).returncode == 0
-    assert close_rows(train_rows(straight), train_rows(resumed)) and close_rows(train_rows(plain), train_rows(straight))
+    assert close_rows(train_rows(plain), train_rows(straight)) and close_rows(train_rows(plain), train_rows(resumed))
 
     from safetensors.torch import load_file
     from whisper_ft.cli.evaluate import main as evaluate_main
@@ -77,22 +79,8 @@ def test_sharded_run_resumes_reloads_the_best_and_exports_a_whole_model(config_f
 
 def test_a_training_step_on_cuda_is_queued_without_reading_anything_back(tiny_model, tmp_path):
     """tests/test_speed.py's count, on CUDA: the step's NaN/inf test on the device, its loss read one step late."""
-    out = tmp_path / "run"
-    cfg = base_config(tiny_model, out, max_steps=8, logging_steps=4, save_steps=8, eval_strategy="no",
-                      load_best_model_at_end=False, dataloader_num_workers=1, torch_compile="false")
-    path = tmp_path / "config.yaml"
-    path.write_text(yaml.safe_dump(cfg), encoding="utf-8")
-    proc = subprocess.run([sys.executable, str(ROOT / "tests" / "workers" / "count_readbacks.py"), str(path),
-                           str(tmp_path / "counts.json")], cwd=ROOT, capture_output=True, text=True, timeout=600,
-                          env={**os.environ, "WHISPER_FT_INJECT_NAN": "3"})
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    proc = assert_queued_without_readbacks(tiny_model, tmp_path, torch_compile="false")
     assert "training on cuda:0 (" in proc.stderr
-    steps = json.loads((tmp_path / "counts.json").read_text())["steps"]
-    assert [s["train_step"] for s in steps] == [0] * 8
-    assert all(s["settle"] <= 4 for s in steps)
-    assert [s["elsewhere"] for i, s in enumerate(steps, 1) if i not in (4, 8)] == [0] * 6
-    assert "step 3: loss is nan; update skipped" in proc.stderr
-    assert [r["nonfinite_steps"] for r in metrics(out) if "loss" in r] == [1, 1]
 
 
 def test_compiled_greedy_step_gives_the_tokens_of_generate_on_cuda(tiny_model):

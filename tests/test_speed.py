@@ -4,13 +4,12 @@ the FLOP count behind the MFU figure, static-cache generation, and the compiled 
 from __future__ import annotations
 
 import math
-import os
 import time
 
 import pytest
 import torch
 
-from conftest import CV_EN, base_config, metrics, run_train
+from conftest import CV_EN, assert_queued_without_readbacks, base_config, metrics, run_train
 from whisper_ft.collate import IGNORE_INDEX, LABEL_BUCKETS, Collator
 from whisper_ft.config import ConfigError, load_config
 
@@ -300,32 +299,7 @@ def test_a_training_step_is_queued_without_reading_anything_back(tiny_model, tmp
     AdamW skips them itself), and between two steps only settle() reads the step before while the next one runs;
     the rest reads back only where it logs or saves (steps 4 and 8 here). Counted on CPU through the same
     dispatcher op (aten._local_scalar_dense) that a CUDA read-back goes through."""
-    import json
-    import subprocess
-    import sys
-
-    import yaml
-
-    from conftest import ROOT
-
-    out = tmp_path / "run"
-    cfg = base_config(tiny_model, out, max_steps=8, logging_steps=4, save_steps=8, eval_strategy="no",
-                      load_best_model_at_end=False, dataloader_num_workers=1)  # the audio's own reads: elsewhere
-    path = tmp_path / "config.yaml"
-    path.write_text(yaml.safe_dump(cfg), encoding="utf-8")
-    proc = subprocess.run([sys.executable, str(ROOT / "tests" / "workers" / "count_readbacks.py"), str(path),
-                           str(tmp_path / "counts.json")], cwd=ROOT, capture_output=True, text=True, timeout=600,
-                          env={**os.environ, "WHISPER_FT_INJECT_NAN": "3"})
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    result = json.loads((tmp_path / "counts.json").read_text())
-    assert result["exit"] == 0
-    steps = result["steps"]
-    assert len(steps) == 8
-    assert [s["train_step"] for s in steps] == [0] * 8
-    assert all(s["settle"] <= 4 for s in steps)  # loss and gradient norm of at most two steps (at a log step)
-    assert [s["elsewhere"] for i, s in enumerate(steps, 1) if i not in (4, 8)] == [0] * 6
-    assert "step 3: loss is nan; update skipped" in proc.stderr
-    assert [r["nonfinite_steps"] for r in metrics(out) if "loss" in r] == [1, 1]
+    assert_queued_without_readbacks(tiny_model, tmp_path)
 
 
 def test_graphs_compiled_elsewhere_are_not_recompilations_of_the_training_forward(monkeypatch):
