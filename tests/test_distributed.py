@@ -1,5 +1,6 @@
 """Several machines, on CPU: two torchrun "machines" on localhost (gloo) against one process; where several
-processes sum the step's counts; and the FSDP/DeepSpeed combinations that are refused before anything starts (neither runs on CPU: see README)."""
+processes sum the step's counts; and the FSDP/DeepSpeed combinations that are refused before anything starts
+(FSDP and DeepSpeed themselves run in tests/test_gpu.py, on a GPU)."""
 
 import json
 import os
