@@ -193,7 +193,7 @@ class Readback:
                 v = v.full_tensor()
             if torch.is_tensor(v) and v.is_cuda:
                 v = torch.empty(v.shape, dtype=v.dtype, pin_memory=True).copy_(v.detach(), non_blocking=True)
-                self.event = torch.cuda.Event()
+                self.event = self.event or torch.cuda.Event()
             self._values.append(v)
         if self.event is not None:
             self.event.record()  # after the copies: values() waits for them and what was queued before
