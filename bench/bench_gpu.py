@@ -316,7 +316,11 @@ class Bench:
                "torch_compile": self.a.torch_compile, "model_name": f"whisper-{model}"}
         path = self.tmp / "ours-train.yaml"
         path.write_text(json.dumps(cfg), encoding="utf-8")  # JSON is YAML
-        rc, log = self.run([sys.executable, "train_loop.py", "--config", str(path)], f"ours-train-{model}")
+        cmd = [sys.executable, "train_loop.py", "--config", str(path)]
+        if self.a.profile:  # the last few steps under torch.profiler (their samples/s carry its overhead)
+            profiled = f"{steps - min(5, log_every) + 1}-{steps}"
+            cmd = [sys.executable, "bench/profile_loop.py", "--steps", profiled, "--out", self.a.profile, "--", *cmd[2:]]
+        rc, log = self.run(cmd, f"ours-train-{model}")
         if rc != 0:
             return failure(rc, log)
         lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text(encoding="utf-8").splitlines() if x.strip()]
@@ -333,7 +337,8 @@ class Bench:
                 "compiled_graphs": final.get("compiled_graphs"), "recompiled_graphs": final.get("recompiled_graphs"),
                 "attention": next((ln.split(",")[0].split()[-1] for ln in log.splitlines()
                                    if ln.startswith("attention ")), None),
-                "compile_fallback": "compilation failed" in log}
+                "compile_fallback": "compilation failed" in log,
+                **({"profiled_steps": profiled, "profile": self.a.profile} if self.a.profile else {})}
 
 
 def failure(rc: int, log: str) -> dict:
@@ -482,6 +487,8 @@ def markdown(result: dict) -> str:
             if r.get("error"):
                 lines.append(f"| {name} | {r['error']} | | | |")
                 continue
+            if r.get("profiled_steps"):
+                name += f" (steps {r['profiled_steps']} profiled: {r['profile']}/profile.md)"
             lines.append(f"| {name} | {fmt(r.get('samples_per_second'))} | {fmt(r.get('ratio_to_trainer'), 2)} | "
                          f"{fmt(r.get('mfu_percent'))} | {fmt(r.get('peak_gpu_memory_gb'))} |")
         ev = run["eval"]
@@ -533,6 +540,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="only the memory table: --memory-models x checkpointing false/encoder/true, ours only")
     p.add_argument("--memory-models", nargs="+", default=["small", "medium", "large-v3"], choices=list(SHAPES))
     p.add_argument("--memory-steps", type=int, default=10)
+    p.add_argument("--profile", default="", metavar="DIR",
+                   help="profile ours' last steps (bench/profile_loop.py): DIR/profile.md and profile.json")
     p.add_argument("--device", choices=("auto", "cpu"), default="auto", help="cpu: hide CUDA (the smoke test)")
     p.add_argument("--compile-ceiling-on-cpu", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--json", default="", help="also write the JSON result here")
@@ -547,6 +556,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if a.steps <= a.log_every or a.steps % a.log_every:
         p.error("--steps must be a multiple of --log-every and larger than it")
+    a.profile = str(Path(a.profile).resolve()) if a.profile else ""  # the runs' working directory is ROOT
 
     import transformers  # its version only; torch and CUDA are initialised in the workers
 

@@ -4,6 +4,8 @@
 #   OUT=gpu-results bash bench/gpu_checks.sh [part ...]
 # Parts, in the default order (most wanted first), with their limits:
 #   guide      issue 8: the guide's settings (fp16, batch 16, checkpointing) against the Trainer   200 s
+#   profile    issue 8: where a compiled batch-32 step's time goes (bench/profile_loop.py), the
+#              evidence the 2.0x target needs before anything else is changed                        200 s
 #   tests      tests/test_gpu.py: FSDP and DeepSpeed ZeRO-2/3 at world size 1, the queued step's
 #              read-backs on CUDA, the compiled greedy step against generate() in fp32              300 s
 #   lora       issue 11: large-v3 shape, full against LoRA, both compiled (torch_compile auto)      300 s
@@ -11,18 +13,20 @@
 #   batch32    issue 8: the shipped settings (bf16, batch 32, no checkpointing) against the Trainer 240 s
 #   memtable   issue 8: peak memory of small, medium, large-v3 x checkpointing false/encoder/true    420 s
 # One device call may run 600 s and a session gets about 900 s of device time, start-up included: pass two or
-# three parts per call (e.g. "guide tests", then "lora eval_fp32").
+# three parts per call (e.g. "guide profile", then "tests lora").
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-gpu-results}
 mkdir -p "$OUT"
 export HF_HUB_OFFLINE=1
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader > "$OUT/card.txt" 2>&1
-for part in ${*:-guide tests lora eval_fp32 batch32 memtable}; do
+for part in ${*:-guide profile tests lora eval_fp32 batch32 memtable}; do
   start=$SECONDS
   case $part in
     guide) timeout 200 python bench/bench_gpu.py --guide --skip ceiling eval --steps 30 --log-every 10 \
              --json "$OUT/guide.json" > /dev/null 2> "$OUT/guide.log" ;;
+    profile) timeout 200 python bench/bench_gpu.py --skip trainer ceiling eval --steps 20 --log-every 10 \
+             --profile "$OUT/profile" --json "$OUT/profile-bench.json" > /dev/null 2> "$OUT/profile.log" ;;
     tests) timeout 300 python -m pytest -q -p no:cacheprovider tests/test_gpu.py > "$OUT/tests.log" 2>&1 ;;
     eval_fp32) timeout 150 python bench/bench_gpu.py --skip train trainer ceiling --eval-samples 64 \
              --precision fp32 --json "$OUT/eval_fp32.json" > /dev/null 2> "$OUT/eval_fp32.log" ;;
@@ -31,7 +35,7 @@ for part in ${*:-guide tests lora eval_fp32 batch32 memtable}; do
              --json "$OUT/batch32.json" > /dev/null 2> "$OUT/batch32.log" ;;
     memtable) timeout 420 python bench/bench_gpu.py --memory-table --torch-compile false --memory-steps 6 \
              --json "$OUT/memtable.json" > /dev/null 2> "$OUT/memtable.log" ;;
-    *) echo "unknown part: $part (guide tests eval_fp32 lora batch32 memtable)" >&2; exit 2 ;;
+    *) echo "unknown part: $part (guide profile tests lora eval_fp32 batch32 memtable)" >&2; exit 2 ;;
   esac
   echo "$part: exit $?, $((SECONDS - start)) s" | tee -a "$OUT/parts.txt"
 done

@@ -15,7 +15,7 @@ def test_bench_gpu_smoke_on_cpu(tmp_path):
     proc = subprocess.run(
         [sys.executable, str(ROOT / "bench" / "bench_gpu.py"), "--device", "cpu", "--model", "tiny", "--steps", "2",
          "--log-every", "1", "--batch", "2", "--workers", "0", "--train-rows", "8", "--eval-samples", "3",
-         "--generation-max-length", "12", "--json", str(out)],
+         "--generation-max-length", "12", "--profile", str(tmp_path / "profile"), "--json", str(out)],
         cwd=ROOT, capture_output=True, text=True, timeout=1200, env={**__import__("os").environ, "OMP_NUM_THREADS": "2"})
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads(out.read_text())
@@ -37,6 +37,15 @@ def test_bench_gpu_smoke_on_cpu(tmp_path):
     assert run["train"]["trainer"]["ratio_to_trainer"] == 1.0
     assert run["train"]["ours"]["timed_samples"] == run["train"]["trainer"]["timed_samples"] == 2  # step 2 x batch 2
     assert run["train"]["ours"]["attention"] == "sdpa" and not run["train"]["ours"]["compile_fallback"]
+    # --profile: ours' last step under torch.profiler, its CPU operators sorted into the categories
+    assert run["train"]["ours"]["profiled_steps"] == "2-2"
+    profile = json.loads((tmp_path / "profile" / "profile.json").read_text())
+    assert profile["device"] == "cpu" and profile["steps"] == 1 and profile["busy_percent"] is None
+    shares = {c["category"]: c["percent"] for c in profile["categories"]}
+    assert abs(sum(shares.values()) - 100) < 0.1 * len(shares)  # each share is rounded to 0.1
+    for needed in ("matmul", "attention", "convolution", "optimizer and clipping"):  # what a Whisper step does
+        assert shares.get(needed, 0) > 0, (needed, shares)
+    assert "| matmul |" in (tmp_path / "profile" / "profile.md").read_text()
     ev = run["eval"]
     for name in ("ours", "trainer"):
         assert ev[name]["samples"] == 3 and ev[name]["seconds"] > 0 and ev[name]["seconds_first_pass"] > 0
@@ -45,3 +54,28 @@ def test_bench_gpu_smoke_on_cpu(tmp_path):
     assert ev["nonempty_transcripts"] >= 1  # identical because both said something, not because both said nothing
     assert ev["speedup"] > 0
     assert "| ours |" in proc.stderr and "identical transcripts 3/3" in proc.stderr
+
+
+def test_profile_sorts_gpu_kernels_into_categories():
+    """The GPU side of bench/profile_loop.py, which the CPU smoke test cannot reach: kernel names as the CUDA
+    profiler reports them (cuBLAS, cuDNN, flash attention, Triton, ATen) and their times, added up by hand."""
+    sys.path.insert(0, str(ROOT / "bench"))
+    from profile_loop import summarise
+
+    kernels = [("sm90_xmma_gemm_bf16bf16_bf16f32_f32_tn_n_tilesize128x128x64", 500.0),
+               ("nvjet_hsh_256x128_64x4_1x2_h_bz_coopA_NNT", 100.0),
+               ("pytorch_flash::flash_fwd_kernel<Flash_fwd_kernel_traits<64, 128>>", 150.0),
+               ("cudnn_generated_fort_native_sdpa_sm90_flash_fprop_wgmma_f16_knob_3", 50.0),
+               ("sm90_xmma_fprop_implicit_gemm_bf16bf16_bf16f32_f32_nhwckrsc_nchw", 40.0),
+               ("triton_per_fused_add_native_layer_norm_0", 60.0), ("triton_poi_fused_gelu_1", 40.0),
+               ("void at::native::(anonymous namespace)::multi_tensor_apply_kernel<FusedAdamWMathFunctor>", 30.0),
+               ("Memcpy HtoD (Pinned -> Device)", 20.0),
+               ("void at::native::vectorized_elementwise_kernel<4, at::native::FillFunctor<float>>", 10.0)]
+    s = summarise(kernels * 2, steps=2, wall_s=0.004, on_gpu=True)  # 2 steps of 1 ms of kernels in 4 ms
+    assert s["busy_ms_per_step"] == 1.0 and s["busy_percent"] == 50.0 and s["calls_per_step"] == 10
+    assert s["wall_ms_per_step"] == 2.0
+    assert {c["category"]: c["percent"] for c in s["categories"]} == {
+        "matmul": 60.0, "attention": 20.0, "fused by torch.compile": 10.0, "convolution": 4.0,
+        "optimizer and clipping": 3.0, "copies and fills": 2.0, "other element-wise and reductions": 1.0}
+    assert s["top"][0]["name"].startswith("sm90_xmma_gemm") and s["top"][0]["ms_per_step"] == 0.5
+    assert s["top"][0]["calls_per_step"] == 1
