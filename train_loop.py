@@ -148,7 +148,7 @@ def setup(run: Run) -> None:
                                               dtype=trainable.base_dtype(cfg, accelerator.mixed_precision))
     model.config.use_cache = False  # caching is for generation; in training it only costs memory
     speed.set_gradient_checkpointing(model, cfg.gradient_checkpointing)  # non-reentrant: fine with frozen weights
-    model = trainable.setup_model(model, cfg, say)  # SpecAugment, freeze_encoder, LoRA
+    model = trainable.setup_model(model, cfg, say, autocast=accelerator.native_amp)  # SpecAugment, freeze_encoder, LoRA
     run.compile_on = speed.compile_wanted(cfg.torch_compile)
     run.prepare = Prepare(run.processor.feature_extractor, run.processor.tokenizer,
                           timestamp_probability=cfg.timestamp_probability, seed=cfg.seed)

@@ -224,6 +224,51 @@ def test_lora_under_bf16_trains_a_bf16_base_and_exports_an_fp32_merge(tiny_model
     assert not torch.equal(merged[q], merged[q].bfloat16().float())
 
 
+def test_lora_under_autocast_does_not_copy_activations_to_fp32(tiny_model):
+    """peft casts each adapter's input to the adapter's dtype (fp32), and autocast casts it straight back to bf16
+    for the matmul: two copies of an activation per adapter for nothing. Under autocast the loop turns that cast
+    off (trainable.add_lora). bf16 -> fp32 -> bf16 is exact, so logits and gradients stay bit-identical."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from whisper_ft import trainable
+    from whisper_ft.languages import resolve
+    from whisper_ft.model import load_whisper
+
+    class Fp32Copies(TorchDispatchMode):  # activation-sized tensors cast to fp32 (weights are far smaller)
+        def __init__(self):
+            super().__init__()
+            self.count = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            if func is torch.ops.aten._to_copy.default and out.dtype == torch.float32 and out.numel() >= 1500 * 64:
+                self.count += 1
+            return out
+
+    cfg = Config(whisper_pretrained=str(tiny_model), lang="en", lora_r=4, lora_dropout=0.0)
+    features, labels = torch.randn(2, 80, 3000), torch.tensor([[5, 6, 7], [8, 9, 10]])
+    results = {}
+    for autocast in (False, True):
+        _, base = load_whisper(str(tiny_model), resolve("en"), "transcribe", dtype=torch.bfloat16)
+        torch.manual_seed(0)  # the same lora_A initialisation in both
+        model = trainable.setup_model(base, cfg, print, autocast=autocast)
+        with torch.no_grad():  # the same trained-looking adapters in both (lora_B starts at zero)
+            for name, p in model.named_parameters():
+                if "lora_B" in name:
+                    p.normal_(std=0.05)
+        model.train()
+        with Fp32Copies() as copies:
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                logits = model(input_features=features, labels=labels).logits
+            logits.float().logsumexp(-1).sum().backward()
+        grads = {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+        results[autocast] = (copies.count, logits, grads)
+    (copies_peft, logits_peft, grads_peft), (copies_ours, logits_ours, grads_ours) = results[False], results[True]
+    assert copies_peft > 0 and copies_ours == 0  # peft's casts are seen, and gone
+    assert torch.equal(logits_ours, logits_peft)
+    assert grads_ours.keys() == grads_peft.keys() and all(torch.equal(grads_ours[n], grads_peft[n]) for n in grads_ours)
+
+
 # ---- SpecAugment ------------------------------------------------------------------------------------
 
 

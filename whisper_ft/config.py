@@ -92,7 +92,7 @@ class Config:
     freeze_encoder: bool = setting(False, "train the decoder only; with LoRA: adapters in the decoder only")
     lora_r: int = setting(0, "LoRA rank; 0 = off (full fine-tune). 8-32 trains 1-5% of the weights")
     lora_alpha: float = setting(0.0, "LoRA scale numerator (updates scaled by lora_alpha / lora_r); 0 = 2 x lora_r")
-    lora_dropout: float = setting(0.05, "dropout on the LoRA branch's input")
+    lora_dropout: float = setting(0.0, "dropout on each adapter's input; 0 = none (fastest), 0.05-0.1 regularises tiny data sets")
     lora_target_modules: str = setting("q_proj,k_proj,v_proj,out_proj,fc1,fc2", "Linear layers given adapters (list or comma-separated)")
     lora_save_adapter: bool = setting(False, "also save the LoRA adapter alone in <checkpoint_dir>/adapter (peft format)")
     apply_spec_augment: bool = setting(False, "SpecAugment: mask random time steps / mel bins of the input in training")

@@ -17,10 +17,11 @@ import torch
 from whisper_ft.config import Config
 
 
-def setup_model(model, cfg: Config, say):
+def setup_model(model, cfg: Config, say, autocast: bool = False):
     """SpecAugment settings, the frozen encoder and LoRA, in that order; returns the model to train.
 
     With LoRA the result is a peft PeftModel around the Whisper model (the base weights frozen inside it).
+    autocast: every forward of this model runs under torch.autocast (accelerator.native_amp), see add_lora.
     """
     from whisper_ft.model import ModelError
 
@@ -31,7 +32,7 @@ def setup_model(model, cfg: Config, say):
     if cfg.freeze_encoder:
         model.freeze_encoder()  # requires_grad False: no gradients, no optimizer state for the encoder
     if cfg.lora_r > 0:
-        model = add_lora(model, cfg)
+        model = add_lora(model, cfg, autocast)
     n_all = sum(p.numel() for p in model.parameters())
     n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
     if cfg.lora_r or cfg.freeze_encoder:
@@ -69,10 +70,13 @@ def target_modules(cfg: Config) -> list[str]:
     return [m.strip() for m in cfg.lora_target_modules.split(",") if m.strip()]
 
 
-def add_lora(model, cfg: Config):
+def add_lora(model, cfg: Config, autocast: bool = False):
     """Wrap the model with LoRA adapters on the named Linear layers; every base weight is frozen.
 
     With freeze_encoder the encoder gets no adapters (only the decoder, cross-attention included, adapts).
+    Under autocast, peft's cast of each adapter's input to the adapter's dtype (fp32) is turned off: autocast
+    casts it back to bf16/fp16 for the matmul anyway, so the cast only copied the activation twice per adapter
+    (DESIGN: LoRA's input casts). Without autocast the cast stays: a bf16 base would feed fp32 adapters.
     """
     from peft import LoraConfig, get_peft_model
 
@@ -88,7 +92,14 @@ def add_lora(model, cfg: Config):
                       target_modules=target_modules(cfg), bias="none",
                       # a full-match regex on module paths such as model.encoder.layers.0.self_attn.q_proj
                       exclude_modules=r"model\.encoder\..*" if cfg.freeze_encoder else None)
-    return get_peft_model(model, lora)
+    model = get_peft_model(model, lora)
+    if autocast:
+        from peft.tuners.tuners_utils import BaseTunerLayer
+
+        for layer in model.modules():
+            if isinstance(layer, BaseTunerLayer):
+                layer.cast_input_dtype_enabled = False  # read by peft's _cast_input_dtype
+    return model
 
 
 def build_optimizer(model, cfg: Config):
