@@ -4,8 +4,9 @@
 #   OUT=gpu-results bash bench/gpu_checks.sh [part ...]
 # Parts, in the default order (most wanted first), with their limits:
 #   guide      issue 8: the guide's settings (fp16, batch 16, checkpointing) against the Trainer   200 s
-#   profile    issue 8: where a compiled batch-32 step's time goes (bench/profile_loop.py), the
-#              evidence the 2.0x target needs before anything else is changed                        200 s
+#   profile    issue 8: where a compiled batch-32 step's time goes (bench/profile_loop.py), and each
+#              attention backend timed on its shapes (bench/bench_attention.py): the evidence the
+#              2.0x target needs before anything else is changed                                    230 s
 #   tests      tests/test_gpu.py: FSDP and DeepSpeed ZeRO-2/3 at world size 1, the queued step's
 #              read-backs on CUDA, the compiled greedy step against generate() in fp32              300 s
 #   lora       issue 11: large-v3 shape, full against LoRA, both compiled (torch_compile auto)      300 s
@@ -26,7 +27,8 @@ for part in ${*:-guide profile tests lora eval_fp32 batch32 memtable}; do
     guide) timeout 200 python bench/bench_gpu.py --guide --skip ceiling eval --steps 30 --log-every 10 \
              --json "$OUT/guide.json" > /dev/null 2> "$OUT/guide.log" ;;
     profile) timeout 200 python bench/bench_gpu.py --skip trainer ceiling eval --steps 20 --log-every 10 \
-             --profile "$OUT/profile" --json "$OUT/profile-bench.json" > /dev/null 2> "$OUT/profile.log" ;;
+             --profile "$OUT/profile" --json "$OUT/profile-bench.json" > /dev/null 2> "$OUT/profile.log"
+             timeout 30 python bench/bench_attention.py --json "$OUT/attention.json" > "$OUT/attention.md" 2>&1 ;;
     tests) timeout 300 python -m pytest -q -p no:cacheprovider tests/test_gpu.py > "$OUT/tests.log" 2>&1 ;;
     eval_fp32) timeout 150 python bench/bench_gpu.py --skip train trainer ceiling --eval-samples 64 \
              --precision fp32 --json "$OUT/eval_fp32.json" > /dev/null 2> "$OUT/eval_fp32.log" ;;

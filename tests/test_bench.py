@@ -79,3 +79,21 @@ def test_profile_sorts_gpu_kernels_into_categories():
         "optimizer and clipping": 3.0, "copies and fills": 2.0, "other element-wise and reductions": 1.0}
     assert s["top"][0]["name"].startswith("sm90_xmma_gemm") and s["top"][0]["ms_per_step"] == 0.5
     assert s["top"][0]["calls_per_step"] == 1
+
+
+def test_attention_bench_times_each_backend_and_compares_it_with_math(tmp_path):
+    """bench/bench_attention.py on CPU: the backends CPU has run and agree with math, the CUDA-only ones are
+    reported as unavailable instead of failing the run, and the default names the backend SDPA chose."""
+    out = tmp_path / "attention.json"
+    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "bench_attention.py"), "--frames", "300", "--batch", "1",
+                           "--tokens", "32", "--iters", "2", "--json", str(out)], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    result = json.loads(out.read_text())
+    assert result["dtype"] == "fp32" and len(result["shapes"]) == 2
+    for shape, rows in result["shapes"].items():
+        assert rows["math"]["max_abs_diff_vs_math"] == 0 and rows["math"]["ms"] > 0
+        assert rows["flash_attention"]["max_abs_diff_vs_math"] < 1e-5  # CPU's flash kernel, same sums reordered
+        assert rows["cudnn_attention"] == rows["efficient_attention"] == {"error": "not available here"}
+        assert rows["default"]["chosen"] in ("FLASH_ATTENTION", "MATH")
+        assert rows["default"]["max_abs_diff_vs_math"] < 1e-5
+    assert "| encoder self-attention (300 x 300) | math |" in proc.stdout
