@@ -167,7 +167,10 @@ def setup(run: Run) -> None:
     run.skips_on_device = trainable.skips_on_device(run.optimizer, accelerator)
     run.count_group = batches.count_group(accelerator)
     run.forward = speed.CompiledForward(run.model, run.compile_on, lambda m: say(m, to_bar=True))
-    say(f"attention {accelerator.unwrap_model(run.model).config._attn_implementation}, "
+    config = accelerator.unwrap_model(run.model).config
+    kernel = config._attn_implementation == "sdpa" and speed.sdpa_kernel(config, accelerator.device,
+                                                                        accelerator.mixed_precision)
+    say(f"attention {config._attn_implementation}{f' ({kernel} kernel)' if kernel else ''}, "
         f"torch_compile {'on' if run.compile_on else 'off'}, gradient checkpointing {cfg.gradient_checkpointing}")
 
 

@@ -37,6 +37,7 @@ import argparse
 import csv
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -331,12 +332,13 @@ class Bench:
             n = round((w["epoch"] - before["epoch"]) * n_train)
             samples, seconds = samples + n, seconds + n / w["samples_per_second"]
         final = lines[-1]
+        attention = re.search(r"^attention (\S+?),? (?:\((\w+) kernel\))?", log, re.MULTILINE)  # the start-up line
         return {"samples_per_second": samples / seconds if seconds else None, "timed_samples": int(samples),
                 "mfu_percent_logged": windows[-1].get("mfu_percent"),
                 "peak_gpu_memory_gb": max((w.get("peak_gpu_memory_gb") or 0 for w in windows), default=0) or None,
                 "compiled_graphs": final.get("compiled_graphs"), "recompiled_graphs": final.get("recompiled_graphs"),
-                "attention": next((ln.split(",")[0].split()[-1] for ln in log.splitlines()
-                                   if ln.startswith("attention ")), None),
+                "attention": attention.group(1) if attention else None,
+                "attention_kernel": attention.group(2) if attention else None,
                 "compile_fallback": "compilation failed" in log,
                 **({"profiled_steps": profiled, "profile": self.a.profile} if self.a.profile else {})}
 

@@ -37,6 +37,7 @@ def test_bench_gpu_smoke_on_cpu(tmp_path):
     assert run["train"]["trainer"]["ratio_to_trainer"] == 1.0
     assert run["train"]["ours"]["timed_samples"] == run["train"]["trainer"]["timed_samples"] == 2  # step 2 x batch 2
     assert run["train"]["ours"]["attention"] == "sdpa" and not run["train"]["ours"]["compile_fallback"]
+    assert run["train"]["ours"]["attention_kernel"] == "flash_attention"  # SDPA's choice on CPU (its flash kernel)
     # --profile: ours' last step under torch.profiler, its CPU operators sorted into the categories
     assert run["train"]["ours"]["profiled_steps"] == "2-2"
     profile = json.loads((tmp_path / "profile" / "profile.json").read_text())
