@@ -23,6 +23,7 @@ import argparse
 import json
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -49,27 +50,31 @@ def category(name: str) -> str:
 
 def summarise(timings: list[tuple[str, float]], steps: int, wall_s: float, on_gpu: bool, top: int = 25) -> dict:
     """(name, microseconds) of every kernel (GPU) or operator's own time (CPU) -> per-step totals by category
-    and by name. On a GPU, busy_percent is kernel time over wall time (kernels of one stream do not overlap)."""
-    by_cat: dict[str, float] = {}
-    by_name: dict[str, list[float]] = {}
+    and by name. On a GPU, busy_percent is kernel time over wall time: right for one stream, whose kernels do
+    not overlap (several streams, e.g. DDP's communication, can add up to more than 100%)."""
+    time_of, calls_of, by_category = Counter(), Counter(), Counter()
     for name, us in timings:
-        by_cat[category(name)] = by_cat.get(category(name), 0.0) + us
-        calls = by_name.setdefault(name, [0, 0.0])
-        calls[0] += 1
-        calls[1] += us
-    total = sum(by_cat.values())
-    per_step_ms = lambda us: round(us / steps / 1000, 3)  # noqa: E731
+        time_of[name] += us
+        calls_of[name] += 1
+        by_category[category(name)] += us
+    total = sum(time_of.values())
+
+    def ms(us: float) -> float:
+        return round(us / steps / 1000, 3)
+
+    def percent(us: float) -> float:
+        return round(100 * us / total, 1) if total else 0.0
+
     return {
         "steps": steps, "wall_ms_per_step": round(wall_s * 1000 / steps, 3),
         "timed": "device kernels" if on_gpu else "CPU operators' own time",
-        "busy_ms_per_step": per_step_ms(total),
+        "busy_ms_per_step": ms(total),
         "busy_percent": round(100 * total / 1e6 / wall_s, 1) if on_gpu and wall_s > 0 else None,
         "calls_per_step": round(len(timings) / steps, 1),
-        "categories": [{"category": c, "ms_per_step": per_step_ms(us), "percent": round(100 * us / total, 1)}
-                       for c, us in sorted(by_cat.items(), key=lambda kv: -kv[1])] if total else [],
-        "top": [{"name": n, "calls_per_step": round(calls / steps, 1), "ms_per_step": per_step_ms(us),
-                 "percent": round(100 * us / total, 1), "category": category(n)}
-                for n, (calls, us) in sorted(by_name.items(), key=lambda kv: -kv[1][1])[:top]],
+        "categories": [{"category": c, "ms_per_step": ms(us), "percent": percent(us)}
+                       for c, us in by_category.most_common()],
+        "top": [{"name": n, "calls_per_step": round(calls_of[n] / steps, 1), "ms_per_step": ms(us),
+                 "percent": percent(us), "category": category(n)} for n, us in time_of.most_common(top)],
     }
 
 
