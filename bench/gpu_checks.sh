@@ -3,10 +3,10 @@
 # minutes. Each part has its own time limit, so a slow one cannot starve the rest; results go to $OUT.
 #   OUT=gpu-results bash bench/gpu_checks.sh [part ...]
 # Parts, in the default order (most wanted first), with their limits:
-#   guide      issue 8: the guide's settings (fp16, batch 16, checkpointing) against the Trainer   200 s
 #   profile    issue 8: where a compiled batch-32 step's time goes (bench/profile_loop.py), and each
 #              attention backend timed on its shapes (bench/bench_attention.py): the evidence the
 #              2.0x target needs before anything else is changed                                    230 s
+#   guide      issue 8: the guide's settings (fp16, batch 16, checkpointing) against the Trainer   200 s
 #   tests      tests/test_gpu.py: FSDP and DeepSpeed ZeRO-2/3 at world size 1, the queued step's
 #              read-backs on CUDA, the compiled greedy step against generate() in fp32              300 s
 #   lora       issue 11: large-v3 shape, full against LoRA, both compiled (torch_compile auto)      300 s
@@ -14,14 +14,14 @@
 #   batch32    issue 8: the shipped settings (bf16, batch 32, no checkpointing) against the Trainer 240 s
 #   memtable   issue 8: peak memory of small, medium, large-v3 x checkpointing false/encoder/true    420 s
 # One device call may run 600 s and a session gets about 900 s of device time, start-up included: pass two or
-# three parts per call (e.g. "guide profile", then "tests lora").
+# three parts per call (e.g. "profile guide", then "tests lora").
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-gpu-results}
 mkdir -p "$OUT"
 export HF_HUB_OFFLINE=1
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader > "$OUT/card.txt" 2>&1
-for part in ${*:-guide profile tests lora eval_fp32 batch32 memtable}; do
+for part in ${*:-profile guide tests lora eval_fp32 batch32 memtable}; do
   start=$SECONDS
   case $part in
     guide) timeout 200 python bench/bench_gpu.py --guide --skip ceiling eval --steps 30 --log-every 10 \
