@@ -143,9 +143,10 @@ def setup(run: Run) -> None:
     say(device.describe(accelerator))
     set_seed(cfg.seed)
     run.lang = resolve(cfg.lang)
-    # fp32, or bf16 for a LoRA run's frozen base under bf16 (trainable.base_dtype)
-    run.processor, model = speed.load_fastest(load_whisper, cfg, run.lang, accelerator.mixed_precision, say,
-                                              dtype=trainable.base_dtype(cfg, accelerator.mixed_precision))
+    # fp32, or bf16 for a LoRA run's frozen base under bf16 (trainable.base_dtype); whole, even under ZeRO-3
+    with sharding.whole_model_load(accelerator):
+        run.processor, model = speed.load_fastest(load_whisper, cfg, run.lang, accelerator.mixed_precision, say,
+                                                  dtype=trainable.base_dtype(cfg, accelerator.mixed_precision))
     model.config.use_cache = False  # caching is for generation; in training it only costs memory
     speed.set_gradient_checkpointing(model, cfg.gradient_checkpointing)  # non-reentrant: fine with frozen weights
     model = trainable.setup_model(model, cfg, say, autocast=accelerator.native_amp)  # SpecAugment, freeze_encoder, LoRA

@@ -222,6 +222,52 @@ def test_deepspeed_problems_are_reported_together(tmp_path):
     assert "predict_with_generate is not supported with DeepSpeed ZeRO-3" in message
 
 
+def test_zero3_without_init_flag_loads_the_whole_model_then_registers_deepspeed_again(monkeypatch):
+    """accelerate registers its DeepSpeed config with transformers whatever zero3_init_flag says, and under ZeRO-3
+    from_pretrained then partitions the model as it builds it, which fails for Whisper (DESIGN: ZeRO-3 loading).
+    sharding.whole_model_load lifts that registration for the load and restores it. DeepSpeed itself is not in
+    CI: the registration is a stand-in with what transformers reads of it (is_zero3). With DeepSpeed installed,
+    the whole ZeRO-3 run is tests/test_gpu.py's."""
+    import weakref
+
+    import transformers.integrations.deepspeed as hf_ds
+    from transformers.integrations import is_deepspeed_zero3_enabled
+
+    from whisper_ft import sharding
+
+    class Registered:  # transformers' HfDeepSpeedConfig, as is_deepspeed_zero3_enabled reads it
+        def is_zero3(self):
+            return True
+
+    class Plugin:  # accelerate's DeepSpeedPlugin: its config, its flag, and its registration with transformers
+        def __init__(self, stage, init_flag):
+            self.deepspeed_config, self.init_flag = {"zero_optimization": {"stage": stage}}, init_flag
+            self.set_deepspeed_weakref()
+
+        def is_zero3_init_enabled(self):
+            return self.init_flag
+
+        def set_deepspeed_weakref(self):
+            self.dschf = Registered()
+            monkeypatch.setattr(hf_ds, "_hf_deepspeed_config_weak_ref", weakref.ref(self.dschf))
+
+    class Accelerator:
+        def __init__(self, plugin):
+            self.state = type("State", (), {"deepspeed_plugin": plugin})()
+
+    for init_flag, seen_while_loading in ((False, False), (True, True)):  # zero.Init only when the flag asks
+        accelerator = Accelerator(Plugin(3, init_flag))
+        with sharding.whole_model_load(accelerator):
+            assert is_deepspeed_zero3_enabled() is seen_while_loading
+        assert is_deepspeed_zero3_enabled()  # registered again for the rest of the run
+    with pytest.raises(RuntimeError):  # restored even when the load fails
+        with sharding.whole_model_load(Accelerator(Plugin(3, False))):
+            raise RuntimeError("no such model")
+    assert is_deepspeed_zero3_enabled()
+    with sharding.whole_model_load(Accelerator(Plugin(2, False))):  # not ZeRO-3: the registration is left alone
+        assert hf_ds._hf_deepspeed_config_weak_ref() is not None
+
+
 def test_fsdp2_sharded_model_evaluates_and_exports_like_the_plain_one(tiny_model, tmp_path):
     """Evaluation on uneven shards (placeholder batches) and the gathered export, under FSDP2 on CPU.
 

@@ -28,7 +28,8 @@ def launch_problems(cfg, env: Mapping[str, str]) -> list[str]:
     problems = []
     import torch
     if _on(env, "ACCELERATE_USE_CPU") or not torch.cuda.is_available():
-        # accelerate itself would silently fall back to plain data parallelism on CPU processes
+        # FSDP on CPU processes silently becomes plain data parallelism; DeepSpeed's CPU accelerator (gloo) is for
+        # testing DeepSpeed itself, not for training
         problems.append(f"{name} needs CUDA GPUs and none is visible (or the launch asked for the CPU); on CPU "
                         "use accelerate_configs/cpu.yaml or torchrun with ACCELERATE_USE_CPU=true")
     if ds and importlib.util.find_spec("deepspeed") is None:
@@ -124,6 +125,29 @@ def configure_deepspeed(accelerator, cfg, say) -> None:
     say("DeepSpeed applies each update inside the last backward of the step, so a step with a NaN/inf loss "
         "cannot be skipped (fp16's loss scaler still skips overflows); the run stops after max_nonfinite_steps "
         "such steps without saving, the last checkpoint intact")
+
+
+@contextlib.contextmanager
+def whole_model_load(accelerator):
+    """Under ZeRO-3 with zero3_init_flag false (accelerate_configs/deepspeed_zero3.yaml): from_pretrained builds
+    the whole model in each process, and prepare() partitions it, as that flag promises.
+
+    accelerate 1.15 registers its DeepSpeed config with transformers whatever the flag says, and from_pretrained
+    then builds the model already partitioned (deepspeed.zero.Init): transformers reports the tied proj_out as
+    missing and initialises it on partitioned weights, which fails in Whisper's _init_weights (DESIGN: ZeRO-3
+    loading). The registration is lifted for the load and restored after it.
+    """
+    plugin = getattr(accelerator.state, "deepspeed_plugin", None)
+    if deepspeed_stage(accelerator) != 3 or plugin.is_zero3_init_enabled():
+        yield
+        return
+    from transformers.integrations import unset_hf_deepspeed_config
+
+    unset_hf_deepspeed_config()
+    try:
+        yield
+    finally:
+        plugin.set_deepspeed_weakref()
 
 
 def count_parameters(model, trainable_only: bool = False) -> int:
