@@ -149,7 +149,8 @@ def setup(run: Run) -> None:
                                                   dtype=trainable.base_dtype(cfg, accelerator.mixed_precision))
     model.config.use_cache = False  # caching is for generation; in training it only costs memory
     speed.set_gradient_checkpointing(model, cfg.gradient_checkpointing)  # non-reentrant: fine with frozen weights
-    model = trainable.setup_model(model, cfg, say, autocast=accelerator.native_amp)  # SpecAugment, freeze_encoder, LoRA
+    # SpecAugment, freeze_encoder, LoRA (without peft's input casts where autocast makes them redundant)
+    model = trainable.setup_model(model, cfg, say, autocast=accelerator.native_amp)
     run.compile_on = speed.compile_wanted(cfg.torch_compile)
     run.prepare = Prepare(run.processor.feature_extractor, run.processor.tokenizer,
                           timestamp_probability=cfg.timestamp_probability, seed=cfg.seed)
@@ -169,9 +170,9 @@ def setup(run: Run) -> None:
     run.count_group = batches.count_group(accelerator)
     run.forward = speed.CompiledForward(run.model, run.compile_on, lambda m: say(m, to_bar=True))
     config = accelerator.unwrap_model(run.model).config
-    kernel = config._attn_implementation == "sdpa" and speed.sdpa_kernel(config, accelerator.device,
-                                                                        accelerator.mixed_precision)
-    say(f"attention {config._attn_implementation}{f' ({kernel} kernel)' if kernel else ''}, "
+    attention = config._attn_implementation
+    kernel = speed.sdpa_kernel(config, accelerator.device, accelerator.mixed_precision) if attention == "sdpa" else None
+    say(f"attention {attention}{f' ({kernel} kernel)' if kernel else ''}, "
         f"torch_compile {'on' if run.compile_on else 'off'}, gradient checkpointing {cfg.gradient_checkpointing}")
 
 
