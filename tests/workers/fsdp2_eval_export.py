@@ -52,3 +52,6 @@ if accelerator.is_main_process:
     json.dump({"plain": [plain_metrics, plain_rows], "sharded": [metrics, rows],
                "type": type(sharded).__name__}, open(out / "result.json", "w"))
 accelerator.wait_for_everyone()
+# Join gloo's threads now: left to the interpreter's exit, one was once destroyed while still running
+# ("terminate called without an active exception", SIGABRT), failing the run after its work was done.
+torch.distributed.destroy_process_group()
