@@ -17,6 +17,7 @@ forward and 2.5x that for the backward (flash attention's convention: the backwa
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 import time
@@ -40,7 +41,7 @@ def measure(q, k, v, backend: str | None, iters: int, reference) -> dict:
 
     grad = torch.ones_like(q)
     try:
-        with sdpa_kernel(getattr(SDPBackend, backend)) if backend else _nothing():
+        with sdpa_kernel(getattr(SDPBackend, backend)) if backend else contextlib.nullcontext():
             out = step()  # warm-up, and the output compared
             for _ in range(2):
                 step()
@@ -61,25 +62,6 @@ def measure(q, k, v, backend: str | None, iters: int, reference) -> dict:
             "max_abs_diff_vs_math": float((out.detach().float() - reference).abs().max())}
 
 
-class _nothing:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
-
-
-def default_choice(q, k, v) -> str | None:
-    """The backend SDPA picks with none forced (torch._fused_sdp_choice, private: None if it moved)."""
-    import torch
-    from torch.nn.attention import SDPBackend
-
-    try:
-        return SDPBackend(torch._fused_sdp_choice(q, k, v)).name
-    except Exception:  # noqa: BLE001 - a private function; the timing rows still stand without it
-        return None
-
-
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", choices=list(HEADS), default="small")
@@ -93,6 +75,9 @@ def main(argv: list[str] | None = None) -> int:
     import torch
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+    from whisper_ft.speed import sdpa_choice
+
     device = "cuda" if torch.cuda.is_available() else "cpu"
     a.dtype = a.dtype or ("bf16" if device == "cuda" else "fp32")
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[a.dtype]
@@ -105,7 +90,7 @@ def main(argv: list[str] | None = None) -> int:
                    for n in (sq, a.frames, a.frames))
         with sdpa_kernel(SDPBackend.MATH):
             reference = torch.nn.functional.scaled_dot_product_attention(*(t.detach().float() for t in (q, k, v)))
-        rows = {"default": {**measure(q, k, v, None, a.iters, reference), "chosen": default_choice(q, k, v)}}
+        rows = {"default": {**measure(q, k, v, None, a.iters, reference), "chosen": sdpa_choice(q, k, v)}}
         for backend in BACKENDS:
             rows[backend.lower()] = measure(q, k, v, backend, a.iters, reference)
         result["shapes"][f"{name} ({sq} x {a.frames})"] = rows

@@ -38,21 +38,27 @@ def attention_implementation(mixed_precision: str) -> str:
     return "sdpa"
 
 
-def sdpa_kernel(model_config, device, mixed_precision: str) -> str | None:
-    """The kernel scaled_dot_product_attention picks for the encoder's self-attention (frames x frames, most of
-    the attention work) on this device and precision, with gradients: "flash_attention", "efficient_attention",
-    "cudnn_attention" or "math". None if torch no longer says (torch._fused_sdp_choice is private).
+def sdpa_choice(q, k, v) -> str | None:
+    """The backend scaled_dot_product_attention picks for these inputs with none forced ("FLASH_ATTENTION",
+    "EFFICIENT_ATTENTION", "CUDNN_ATTENTION", "MATH"). None if torch no longer says: _fused_sdp_choice is private.
     """
     from torch.nn.attention import SDPBackend
 
+    try:
+        return SDPBackend(torch._fused_sdp_choice(q, k, v)).name
+    except Exception:  # noqa: BLE001 - callers only lose a detail of what they report
+        return None
+
+
+def sdpa_kernel(model_config, device, mixed_precision: str) -> str | None:
+    """sdpa_choice, lowercase, for the encoder's self-attention (frames x frames, most of the attention work) on
+    this device and precision, with gradients: what the start-up line names."""
     heads = model_config.encoder_attention_heads
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(mixed_precision, torch.float32)
-    try:
-        q = torch.empty(1, heads, model_config.max_source_positions, model_config.d_model // heads, device=device,
-                        dtype=dtype, requires_grad=True)
-        return SDPBackend(torch._fused_sdp_choice(q, q, q)).name.lower()
-    except Exception:  # noqa: BLE001 - only the start-up line loses a detail
-        return None
+    q = torch.empty(1, heads, model_config.max_source_positions, model_config.d_model // heads, device=device,
+                    dtype=dtype, requires_grad=True)
+    choice = sdpa_choice(q, q, q)
+    return choice and choice.lower()
 
 
 def load_fastest(load_whisper, cfg, lang, mixed_precision: str, say, dtype=None):
