@@ -9,15 +9,10 @@ gpu="${1:-0}"
 [ $# -gt 0 ] && shift
 config="${CONFIG:-config.yaml}"
 log="${LOG:-train.log}"
-if [ "$gpu" = cpu ]; then  # bash launch.sh cpu: on the CPU on purpose (-g cpu hides the GPUs)
-  where=(--cpu) train_flags=(-g cpu) on="the CPU"
-else
-  where=(--gpu_ids "$gpu") train_flags=() on="GPU $gpu"
-fi
-# setsid: the launcher and the training process share a new process group, so one signal to the group
-# reaches the trainer itself (accelerate's launcher does not forward SIGTERM to it).
-setsid nohup accelerate launch --num_processes 1 "${where[@]}" train_loop.py --config "$config" \
-  ${train_flags[@]+"${train_flags[@]}"} "$@" >>"$log" 2>&1 </dev/null &
+# The trainer runs as `python train_loop.py -g GPU` (one process, as `accelerate launch --num_processes 1`
+# would run it) and leads a new process group (setsid), so the printed kill reaches it, and its data workers,
+# directly: no launcher stands between the signal and the save, and none kills it seconds later.
+setsid nohup "${PYTHON:-python}" train_loop.py --config "$config" -g "$gpu" "$@" >>"$log" 2>&1 </dev/null &
 pid=$!
 # The process group exists once setsid has run in the child: wait for that (at most 2 s), so the kill printed
 # below works at once (a script that ran it straight away found no group, and the run went on).
@@ -26,6 +21,7 @@ for _ in $(seq 100); do
   sleep 0.02
 done
 echo "$pid" > "$(dirname "$log")/train.pid"
+on=$([ "$gpu" = cpu ] && echo "the CPU" || echo "GPU $gpu")
 echo "started training on $on as process group $pid (config $config), logging to $log"
 echo "follow it:  tail -f $log"
 echo "stop it (saves a checkpoint first):  kill -TERM -- -$pid"

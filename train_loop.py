@@ -24,6 +24,9 @@ from whisper_ft.exit_codes import Exit
 
 
 def main(argv: list[str] | None = None) -> int:
+    from whisper_ft.reporting import survive_a_closed_stderr
+
+    survive_a_closed_stderr()  # a launcher that dies first must not take the run's messages with it
     # Everything that can be checked without the model and data is checked first: a wrong GPU, token or
     # setting must stop the run in seconds, not after the model has loaded or a night has passed.
     try:
@@ -455,6 +458,8 @@ def close(run: Run) -> None:
     """Every exit passes here: the progress bar, the TensorBoard writer, the trackers and the process group."""
     if run.bar is not None:
         run.bar.close()
+    if run.stream is not None:
+        run.stream.close()  # its data workers, now: they ignore the SIGTERM Python's exit would end them with
     if run.log is not None:
         run.log.close()
     if run.accelerator.num_processes > 1:

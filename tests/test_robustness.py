@@ -155,8 +155,9 @@ def test_signal_during_evaluation_abandons_it_and_the_resume_evaluates_again(tin
     assert [r["step"] for r in rows if "eval_wer" in r] == [0] and rows[-1]["step"] == 1
 
 
-def test_a_second_signal_exits_at_once():
-    """The handler itself: the first signal asks for a save at the next step, the second exits now."""
+def test_a_second_ctrl_c_exits_at_once_but_a_repeated_sigterm_keeps_saving():
+    """The handler itself: the first signal asks for a save at the next step; a second Ctrl-C exits now, while
+    a SIGTERM that arrives again (a process group's kill plus a launcher passing it on) changes nothing."""
     import pytest
 
     from whisper_ft.stopping import GracefulStop
@@ -167,7 +168,10 @@ def test_a_second_signal_exits_at_once():
     previous = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
     try:
         stop = GracefulStop(OneProcess())
-        os.kill(os.getpid(), signal.SIGINT)
+        os.kill(os.getpid(), signal.SIGTERM)
+        assert stop.requested()
+        os.kill(os.getpid(), signal.SIGTERM)
+        os.kill(os.getpid(), signal.SIGTERM)
         assert stop.requested()
         with pytest.raises(SystemExit) as exited:
             os.kill(os.getpid(), signal.SIGINT)
@@ -175,6 +179,50 @@ def test_a_second_signal_exits_at_once():
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+
+
+def test_messages_go_to_stdout_once_stderr_has_no_reader():
+    """A launcher that pipes stderr and dies first must not turn "saved checkpoint-N" into a BrokenPipeError."""
+    code = ("import os, sys\n"
+            "from whisper_ft.reporting import survive_a_closed_stderr\n"
+            "survive_a_closed_stderr()\n"
+            "r, w = os.pipe(); os.close(r)\n"
+            "sys.stderr.stream = os.fdopen(w, 'w')\n"  # stderr's reader is gone
+            "print('saved checkpoint-7', file=sys.stderr, flush=True)\n"
+            "print('stopped by signal', file=sys.stderr, flush=True)\n")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.splitlines() == ["saved checkpoint-7", "stopped by signal"]
+
+
+def test_a_sigterm_to_accelerate_launch_alone_saves_and_the_run_resumes(tiny_model, tmp_path):
+    """What Kubernetes and many schedulers do: SIGTERM to the job's first process, `accelerate launch`, only.
+    accelerate 1.16+ passes it on (then SIGKILLs after 5 s); older versions died alone and left the trainer
+    running, which now stops through its parent-death signal. Either way: a checkpoint, then a resume. The
+    data workers get no signal of their own here, and one is used so that their shutdown is covered."""
+    out = tmp_path / "run"
+    cfg = base_config(tiny_model, out, max_steps=1000, save_steps=1000, eval_steps=1000, dataloader_num_workers=1)
+    path = tmp_path / "launch.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    accelerate = os.path.join(os.path.dirname(sys.executable), "accelerate")
+    proc = subprocess.Popen([accelerate, "launch", "--cpu", "--num_processes", "1", "--num_machines", "1",
+                             "--mixed_precision", "no", "--dynamo_backend", "no", str(ROOT / "train_loop.py"),
+                             "--config", str(path)], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"}, start_new_session=True)
+    try:
+        wait_for_step(out, 2, proc)
+        proc.send_signal(signal.SIGTERM)
+        said, _ = proc.communicate(timeout=120)  # until every writer, the trainer included, has closed the pipe
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert "got SIGTERM" in said and "checkpoint saved" in said, said[-3000:]
+    assert "Traceback (most recent call last)" not in said.split("got SIGTERM")[1], said[-3000:]
+    saved = [int(p.name.split("-")[1]) for p in out.glob("checkpoint-*")]
+    assert len(saved) == 1 and saved[0] >= 2 and (out / f"checkpoint-{saved[0]}" / "COMPLETE").is_file(), saved
+    resumed = run_train(cfg, tmp_path, "--stop-at-step", str(saved[0] + 1))
+    assert resumed.returncode == 0 and f"resumed from {out / f'checkpoint-{saved[0]}'}" in resumed.stderr, \
+        resumed.stderr[-2000:]
 
 
 def test_truncated_newest_weights_resume_from_the_older_checkpoint(tiny_model, tmp_path):
@@ -207,7 +255,9 @@ def test_launch_sh_on_the_cpu_stops_on_its_printed_command_and_the_same_command_
     """bash launch.sh cpu: in the background, stopped with the `kill -TERM -- -PGID` it prints, rerun to finish."""
     out = tmp_path / "run"
     config = tmp_path / "launch.yaml"
-    config.write_text(yaml.safe_dump(base_config(tiny_model, out, max_steps=40, save_steps=1000, eval_steps=1000)))
+    # a data worker too: the group's signal reaches it, and it must leave the stop to the trainer
+    config.write_text(yaml.safe_dump(base_config(tiny_model, out, max_steps=40, save_steps=1000, eval_steps=1000,
+                                                 dataloader_num_workers=1)))
     env = {**os.environ, "CONFIG": str(config), "LOG": str(tmp_path / "train.log"), "PYTHONUNBUFFERED": "1",
            # the `accelerate` command of this interpreter's environment, even where its bin folder is not on PATH
            "PATH": os.pathsep.join([os.path.dirname(sys.executable), os.environ.get("PATH", "")])}

@@ -234,7 +234,17 @@ def eval_loader(records, prepare, collate, cfg: Config, rank: int, world: int):
     return torch.utils.data.DataLoader(torch.utils.data.Subset(RecordDataset(records, prepare), mine),
                                        batch_size=cfg.per_device_eval_batch_size, collate_fn=collate,
                                        num_workers=cfg.dataloader_num_workers, shuffle=False,
-                                       pin_memory=torch.cuda.is_available())
+                                       pin_memory=torch.cuda.is_available(), worker_init_fn=ignore_stop_signals)
+
+
+def ignore_stop_signals(worker_id: int) -> None:
+    """DataLoader workers leave SIGTERM and Ctrl-C to the trainer: a signal to the process group (launch.sh's
+    stop, a terminal's Ctrl-C) would otherwise end them, and the next batch, which the trainer still needs
+    before it saves, would fail. They end with the trainer, as always."""
+    import signal
+
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def length_key(record) -> tuple[int, float]:
@@ -265,7 +275,7 @@ class MapBatches:
                                        start=start_step * cfg.gradient_accumulation_steps),
             generator=torch.Generator(),  # its own RNG: creating the loader must not shift dropout's (exact resume)
             pin_memory=torch.cuda.is_available(),  # page-locked batches: the copy to the GPU runs asynchronously
-            persistent_workers=cfg.dataloader_num_workers > 0))
+            persistent_workers=cfg.dataloader_num_workers > 0, worker_init_fn=ignore_stop_signals))
 
     def __iter__(self):
         return self
@@ -278,6 +288,14 @@ class MapBatches:
 
     def load_state_dict(self, state: None) -> None:
         pass  # built at the resumed step already
+
+    def close(self) -> None:
+        """End the data workers now. They ignore SIGTERM (ignore_stop_signals), so the SIGTERM with which
+        Python's exit would otherwise end them would leave the run hanging at exit."""
+        from whisper_ft import compat
+
+        it, self._it = self._it, None
+        compat.shutdown_loader_workers(it)
 
     def epochs(self, samples_seen: int) -> float:
         return samples_seen / self.samples_per_epoch
@@ -327,6 +345,9 @@ class StreamBatches:
             self.stream.set_epoch(self.epoch)
             self.stream.load_state_dict(state["stream"])
             self._it = iter(self.stream)
+
+    def close(self) -> None:
+        pass  # read in this process: no workers
 
     def epochs(self, samples_seen: int) -> None:
         return None  # a stream's length is unknown

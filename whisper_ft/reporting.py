@@ -3,6 +3,7 @@ that writes whole lines into a log file (train.log) instead of carriage-return r
 
 from __future__ import annotations
 
+import os
 import sys
 
 
@@ -48,3 +49,43 @@ class _Lines:
 
     def flush(self) -> None:
         self.stream.flush()
+
+
+def survive_a_closed_stderr() -> None:
+    """Keep the run's messages going when stderr's reader is gone: write them to stdout instead.
+
+    accelerate 1.16's one-process launcher pipes the trainer's stderr through itself. If the launcher dies
+    first (killed, or ended by its own signal handling), every later message, "saved checkpoint-N" included,
+    would raise BrokenPipeError in the middle of a save. stdout is the launcher's own output (train.log under
+    launch.sh or a scheduler), so the messages still reach the log.
+    """
+    if not isinstance(sys.stderr, _Fallback):
+        sys.stderr = _Fallback(sys.stderr, sys.stdout)
+
+
+class _Fallback:
+    def __init__(self, stream, fallback):
+        self.stream, self.fallback = stream, fallback
+
+    def _retry(self, method: str, *args):
+        try:
+            return getattr(self.stream, method)(*args)
+        except BrokenPipeError:
+            if self.fallback is None:
+                return None
+            try:  # the same file descriptor now writes into stdout's file: what was buffered, C++ warnings too
+                os.dup2(self.fallback.fileno(), self.stream.fileno())
+            except (OSError, ValueError, AttributeError):
+                return None
+            finally:
+                self.fallback = None
+            return self._retry(method, *args)
+
+    def write(self, text: str):
+        return self._retry("write", text)
+
+    def flush(self) -> None:
+        self._retry("flush")
+
+    def __getattr__(self, name):  # isatty, fileno, encoding, ... of the stream
+        return getattr(self.stream, name)

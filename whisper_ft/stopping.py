@@ -83,19 +83,27 @@ def check_bad_fraction(bad: BadCounter, cfg: Config, say, on_stop: Callable[[], 
 
 
 class GracefulStop:
-    """SIGTERM/SIGINT -> save at the next optimizer step and exit; a second signal exits at once."""
+    """SIGTERM/SIGINT -> save at the next optimizer step and exit; a second Ctrl-C (SIGINT) exits at once.
+
+    A repeated SIGTERM is not a second Ctrl-C: one `kill -TERM` to a process group, a scheduler's preemption or
+    a launcher passing the signal on (accelerate 1.16's, torchrun's) deliver it to the trainer twice within
+    milliseconds, and exiting on the second would lose the very checkpoint the first asked for.
+    """
 
     def __init__(self, accelerator):
         self.accelerator, self.flag, self.on_stop = accelerator, False, lambda: None
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, self._handle)
+        die_with_launcher()
 
     def _handle(self, signum, frame) -> None:
         if self.flag:
-            raise SystemExit(128 + signum)
+            if signum == signal.SIGINT:
+                raise SystemExit(128 + signum)
+            return  # already saving; SIGKILL is the way to end a run without a checkpoint
         self.flag = True
         print(f"\nwhisper-ft: got {signal.Signals(signum).name}; saving a checkpoint at the next step "
-              "(signal again to exit at once)", file=sys.stderr, flush=True)
+              "(Ctrl-C again to exit at once)", file=sys.stderr, flush=True)
 
     def requested(self) -> bool:
         return self.flag
@@ -113,3 +121,32 @@ class GracefulStop:
         if anywhere:
             self.on_stop()
             raise RunStopped(f"stopped by signal at step {step}; checkpoint saved. Rerun the same command to resume.")
+
+
+def die_with_launcher() -> None:
+    """Under `accelerate launch` with one process, stop (saving) when the launcher dies.
+
+    accelerate's one-process launcher runs the trainer as its child. Before 1.16 a SIGTERM to the launcher
+    (what Kubernetes and many schedulers send to the job's first process) killed the launcher alone and the
+    trainer trained on unseen until the SIGKILL that follows; 1.16 passes SIGTERM on itself (and SIGKILLs
+    5 s later). Asking the kernel for a SIGTERM when the parent dies (Linux's PR_SET_PDEATHSIG) makes every
+    version stop with a checkpoint. Only for that launcher: a shell or nohup parent may exit on purpose.
+    """
+    if not sys.platform.startswith("linux") or "LOCAL_RANK" in os.environ:  # torchrun's agent stops its workers
+        return
+    parent = os.getppid()
+    try:
+        with open(f"/proc/{parent}/cmdline", "rb") as f:
+            args = f.read().split(b"\0")
+    except OSError:
+        return
+    if not any(a.endswith(b"accelerate") for a in args[:2]) or b"launch" not in args:
+        return
+    import ctypes
+
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG = 1
+    except (OSError, AttributeError):
+        return
+    if os.getppid() != parent:  # the launcher died before the request took effect
+        os.kill(os.getpid(), signal.SIGTERM)
