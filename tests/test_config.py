@@ -104,3 +104,38 @@ def test_config_yaml_and_readme_document_every_field():
         row = re.search(rf"^\| `{name}` \| `([^`]*)` \|", readme, re.M)
         assert row, f"README's config reference lacks {name}"
         assert row.group(1) == str(default), f"README default of {name} is {row.group(1)}, code says {default}"
+
+
+# What names a run rather than tunes it: config.yaml sets these for its example run; every other key must be
+# at Config's default, so that a short config of one's own trains exactly as the shipped one does.
+IDENTITY_KEYS = {"lang", "task", "model_name", "whisper_pretrained", "model_cache", "dataset_name", "dataset_config",
+                 "dataset_revision", "dataset_cache", "train_split", "eval_split", "text_column", "audio_column",
+                 "checkpoint_name", "checkpoint_dir", "eval_sets", "hub_model_id", "hf_token", "gpu_device"}
+
+
+def test_config_yaml_states_every_setting_at_its_default_with_its_help():
+    import re
+    from dataclasses import fields
+
+    import yaml
+
+    from whisper_ft.config import _coerce
+
+    text = (ROOT / "config.yaml").read_text(encoding="utf-8")
+    shipped = yaml.safe_load(text)
+    defaults, helps = Config(), {f.name: f.metadata["help"] for f in fields(Config)}
+    assert set(shipped) == set(helps), f"missing: {set(helps) - set(shipped)}, unknown: {set(shipped) - set(helps)}"
+    differ = {k: (shipped[k], getattr(defaults, k)) for k in set(helps) - IDENTITY_KEYS
+              if _coerce(k, shipped[k]) != getattr(defaults, k)}
+    assert not differ, f"config.yaml and Config disagree (yaml, default): {differ}"
+    comments = dict(re.findall(r"^([a-z_0-9]+): .*?  # (.*)$", text, flags=re.M))
+    assert {k: comments.get(k) for k in helps if comments.get(k) != helps[k]} == {}, "config.yaml's comments differ"
+
+
+def test_the_guides_fp16_alone_means_fp16_not_both(tmp_path):
+    path = write(tmp_path, "fp16: true\n")
+    cfg = load_config(["--config", str(path)], env={})
+    assert cfg.fp16 and not cfg.bf16
+    assert load_config(["--config", str(write(tmp_path, "max_steps: 5\n"))], env={}).bf16
+    with pytest.raises(ConfigError, match="fp16 and bf16 are both on"):
+        load_config(["--config", str(write(tmp_path, "fp16: true\nbf16: true\n"))], env={})

@@ -71,7 +71,7 @@ class Config:
     checkpoint_name: str = setting("", "run name; default <model_name>-<lang>")
     checkpoint_dir: str = setting("", "where checkpoints, logs and the final model go; default ./checkpoints/<checkpoint_name>")
     # --- optimisation ------------------------------------------------------------------------
-    per_device_train_batch_size: int = setting(16, "samples per GPU per micro-batch")
+    per_device_train_batch_size: int = setting(32, "samples per GPU per micro-batch; 16 with gradient_checkpointing on cards under 40 GB")
     gradient_accumulation_steps: int = setting(1, "micro-batches per optimizer step")
     learning_rate: float = setting(1e-5, "peak learning rate, reached after warmup_steps")
     lr_scheduler_type: str = setting("linear", "linear (warmup then decay to 0), constant_with_warmup, cosine")
@@ -81,10 +81,10 @@ class Config:
     weight_decay: float = setting(0.0, "AdamW decay, never applied to biases and LayerNorm")
     max_grad_norm: float = setting(1.0, "clip gradients to this norm (0 = no clipping)")
     seed: int = setting(42, "seeds data order, dropout and initialisation")
-    gradient_checkpointing: str = setting("true", "recompute activations in backward: true (all layers), encoder (its 1500 frames hold most of the memory), false (fastest)")
-    fp16: bool = setting(True, "float16 mixed precision (ignored with a warning where there is no CUDA)")
-    bf16: bool = setting(False, "bfloat16 mixed precision (Ampere or newer; fp16 with a warning on older cards); not together with fp16")
-    dataloader_num_workers: int = setting(2, "processes decoding audio and computing log-mel features")
+    gradient_checkpointing: str = setting("false", "recompute activations in backward: false (fastest), encoder (its 1500 frames hold most of the memory), true (all layers); encoder or true on cards under 40 GB")
+    fp16: bool = setting(False, "float16 mixed precision, for cards without bf16 (V100, T4); fp16: true alone turns bf16 off")
+    bf16: bool = setting(True, "bfloat16 mixed precision (Ampere or newer; fp16 with a warning on older cards; fp32 on the CPU)")
+    dataloader_num_workers: int = setting(4, "processes decoding audio and computing log-mel features")
     torch_compile: str = setting("auto", "compile the model's forward (training) and decoder step (generation): auto = on with CUDA, true, false")
     max_nonfinite_steps: int = setting(10, "stop after this many optimizer steps in a row with a NaN/inf loss or gradient norm")
     optim: str = setting("adamw_torch", "adamw_torch, or adamw_8bit (bitsandbytes, CUDA only): 1/4 of the optimizer memory")
@@ -211,6 +211,8 @@ def load_config(argv: list[str] | None = None, env: dict[str, str] | None = None
             setattr(cfg, key, _coerce(key, raw))
         except ValueError as e:
             problems.append(str(e))
+    if cfg.fp16 and "fp16" in values and "bf16" not in values:  # fp16: true alone (the guide's) means fp16, not both
+        cfg.bf16 = False
     if PLACEHOLDER_TOKEN.match(cfg.hf_token.strip()):  # the guide's `hf_token: <your_hf_token>`, never a real one
         if cfg.push_to_hub:
             problems.append(f"hf_token is still the placeholder {cfg.hf_token!r}: put your Hugging Face write token "
