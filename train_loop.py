@@ -95,6 +95,7 @@ class Run:
     skips_on_device: bool = False  # a NaN/inf step is skipped without a read-back (trainable.skips_on_device)
     count_group: Any = None  # where several processes sum the step's counts on the host (batches.count_group)
     named_eval_bad: set[str] = field(default_factory=set)  # eval sets whose unusable samples were named
+    endpoints: Any = None  # merge.Endpoints: the base model's trainable weights, for merge_base
 
 
 def train(cfg: Config, on_cpu: bool = False) -> int:
@@ -154,6 +155,9 @@ def setup(run: Run) -> None:
     speed.set_gradient_checkpointing(model, cfg.gradient_checkpointing)  # non-reentrant: fine with frozen weights
     # SpecAugment, freeze_encoder, LoRA (without peft's input casts where autocast makes them redundant)
     model = trainable.setup_model(model, cfg, say, autocast=accelerator.native_amp)
+    if cfg.merge_base:  # the base model's trainable weights, on the CPU: one end of the line merge_base searches
+        from whisper_ft.merge import Endpoints
+        run.endpoints = Endpoints(model)
     run.compile_on = speed.compile_wanted(cfg.torch_compile)
     run.prepare = Prepare(run.processor.feature_extractor, run.processor.tokenizer,
                           timestamp_probability=cfg.timestamp_probability, seed=cfg.seed)
@@ -381,22 +385,41 @@ def settle(run: Run) -> None:
 def evaluate(run: Run, step: int) -> None:
     """Every eval set at `step`: metrics.jsonl, the best model so far, and the base model's numbers at step 0."""
     from whisper_ft import stopping
-    from whisper_ft.data import describe
-    from whisper_ft.evaluation import evaluate as evaluate_set
-    from whisper_ft.metrics_log import eval_summary, samples_table, set_metrics
+    from whisper_ft.metrics_log import eval_summary
     from whisper_ft.state import improves
 
     cfg, state = run.cfg, run.state
+    metrics = evaluate_sets(run, step)
+    if metrics is None:  # abandoned half-way: evaluate again after the resume
+        state.pending_eval = True
+        save(run, step)
+        raise stopping.RunStopped(f"stopped by signal during the evaluation at step {step}; checkpoint "
+                                  "saved. Rerun the same command to resume.")
+    state.pending_eval = False
+    run.log.log(step, metrics)
+    if step == 0:
+        state.base_metrics = metrics
+    value = metrics.get("eval_" + cfg.metric_for_best_model)
+    if step > 0 and improves(value, state.best_metric, cfg.greater_is_better):  # step 0 is the base model
+        state.best_metric, state.best_step = value, step
+    run.say(f"step {step}: " + eval_summary(metrics, list(run.eval_loaders) if cfg.eval_sets else None))
+
+
+def evaluate_sets(run: Run, step: int) -> dict[str, Any] | None:
+    """The metrics of the model as it is on every eval set (eval_* for the first, eval/<name>/* for named sets),
+    or None when a stop signal cut the evaluation short."""
+    from whisper_ft.data import describe
+    from whisper_ft.evaluation import evaluate as evaluate_set
+    from whisper_ft.metrics_log import samples_table, set_metrics
+
+    cfg = run.cfg
     settle(run)
     metrics = {}
     for i, (name, loader) in enumerate(run.eval_loaders.items()):
         got, rows, eval_bad = evaluate_set(run.model, loader, run.processor.tokenizer, run.accelerator,
                                            generate_kwargs=run.gen_kwargs, should_stop=run.stopper.requested)
-        if run.stopper.agreed():  # abandoned half-way: evaluate again after the resume
-            state.pending_eval = True
-            save(run, step)
-            raise stopping.RunStopped(f"stopped by signal during the evaluation at step {step}; checkpoint "
-                                      "saved. Rerun the same command to resume.")
+        if run.stopper.agreed():
+            return None
         got["eval_bad_samples"] = len(eval_bad)
         if eval_bad and name not in run.named_eval_bad:  # the same samples fail at every evaluation: name them once
             run.say(f"evaluation{'' if len(run.eval_loaders) == 1 else ' set ' + name} skipped {len(eval_bad)} "
@@ -407,14 +430,7 @@ def evaluate(run: Run, step: int) -> None:
         if cfg.eval_sets:  # each named set as eval/<name>/<metric>
             metrics.update(set_metrics(name, got))
         run.log.text(step, f"eval/{name}/samples" if cfg.eval_sets else "eval/samples", samples_table(rows[:8]))
-    state.pending_eval = False
-    run.log.log(step, metrics)
-    if step == 0:
-        state.base_metrics = metrics
-    value = metrics.get("eval_" + cfg.metric_for_best_model)
-    if step > 0 and improves(value, state.best_metric, cfg.greater_is_better):  # step 0 is the base model
-        state.best_metric, state.best_step = value, step
-    run.say(f"step {step}: " + eval_summary(metrics, list(run.eval_loaders) if cfg.eval_sets else None))
+    return metrics
 
 
 def save(run: Run, step: int) -> None:
@@ -439,6 +455,8 @@ def finish(run: Run) -> None:
         accelerator.load_state(str(out / f"checkpoint-{state.best_step}"))
         run.say(f"best {cfg.metric_for_best_model} {state.best_metric:.2f} was at step {state.best_step}; "
                 "exporting that model")
+    if cfg.merge_base:
+        merge_with_base(run)
     # FSDP and ZeRO-3 shard the weights: gather them whole, on every process (LoRA is refused with both)
     full = accelerator.get_state_dict(run.model) if sharding.is_sharded(accelerator) else None
     if accelerator.is_main_process:
@@ -452,6 +470,42 @@ def finish(run: Run) -> None:
         if run.forward.active:
             run.say("torch_compile: " + ", ".join(f"{k.replace('_', ' ')} {v}" for k, v in run.forward.stats().items()))
     accelerator.wait_for_everyone()
+
+
+def merge_with_base(run: Run) -> None:
+    """merge_base: every alpha of merge.ALPHAS evaluated on every eval set, the one merge.choose() picks left in
+    the model for export, and the table in metrics.jsonl (a row at the last step with merge_alpha) and the log."""
+    from whisper_ft import merge, stopping
+
+    cfg, state, step = run.cfg, run.state, run.state.step
+    key = cfg.metric_for_best_model
+    names = list(run.eval_loaders)
+
+    def per_set(metrics: dict[str, Any]) -> dict[str, float]:
+        if not cfg.eval_sets:
+            return {names[0]: metrics.get("eval_" + key)}
+        return {name: metrics.get(f"eval/{name}/{key}") for name in names}
+
+    model = run.accelerator.unwrap_model(run.model)
+    run.model.eval()
+    table, evaluated = {}, {}
+    for alpha in merge.ALPHAS:
+        run.endpoints.set_alpha(model, alpha)
+        metrics = evaluate_sets(run, step)
+        if metrics is None:  # the checkpoint at max_steps is intact: the rerun merges again
+            raise stopping.RunStopped("stopped by signal while merging with the base model; nothing was exported. "
+                                      "Rerun the same command to merge and export.")
+        table[alpha], evaluated[alpha] = per_set(metrics), metrics
+        run.say(f"merge_base: alpha {alpha:g}: " + ", ".join(f"{n} {v:.2f}" for n, v in table[alpha].items()),
+                to_bar=True)
+    base = per_set(state.base_metrics) if state.base_metrics else {}
+    alpha, why = merge.choose(table, base if None not in base.values() else {}, names[0], cfg.merge_domain_weight,
+                              cfg.merge_max_wer_increase, cfg.greater_is_better)
+    run.endpoints.set_alpha(model, alpha)
+    chosen = state.base_metrics if alpha == 0 else evaluated[alpha]
+    run.log.log(step, {**chosen, "merge_alpha": alpha, "merge_reason": why, "merge_metric": key,
+                       "merge_table": merge.table_rows(table, base)})
+    run.say(f"merge_base: exporting {why}")
 
 
 def close(run: Run) -> None:

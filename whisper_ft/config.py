@@ -100,6 +100,13 @@ class Config:
     mask_time_length: int = setting(10, "SpecAugment: frames per time mask (10 ms each)")
     mask_feature_prob: float = setting(0.0, "SpecAugment: share of mel bins masked (in spans of mask_feature_length)")
     mask_feature_length: int = setting(10, "SpecAugment: mel bins per feature mask")
+    # --- keeping what the base model knew ----------------------------------------------------
+    merge_base: bool = setting(False, "at the end, average the weights with the base model's at the alpha that evaluates best (WiSE-FT)")
+    merge_domain_weight: float = setting(1.0, "merge_base: weight of the first evaluation set (the domain's) in the mean over the sets")
+    merge_max_wer_increase: float = setting(1.0, "merge_base: how much worse than the base model every other evaluation set may get (points)")
+    replay_dataset: str = setting("", "general speech mixed into training (same forms as dataset_name); empty = none")
+    replay_split: str = setting("train", "replay_dataset's split to draw from")
+    replay_fraction: float = setting(0.0, "share of each epoch's training samples drawn from replay_dataset (0 to 0.9)")
     # --- evaluation --------------------------------------------------------------------------
     eval_strategy: str = setting("steps", "steps (every eval_steps) or no")
     eval_steps: int = setting(1000, "evaluate every this many optimizer steps")
@@ -384,6 +391,19 @@ def validate(cfg: Config) -> list[str]:
         problems.append(f"timestamp_probability must be between 0 and 1, not {cfg.timestamp_probability}")
     if not 0 <= cfg.max_bad_sample_fraction <= 1:
         problems.append(f"max_bad_sample_fraction must be between 0 and 1, not {cfg.max_bad_sample_fraction}")
+    if cfg.merge_base and cfg.eval_strategy == "no":
+        problems.append("merge_base picks its alpha by evaluating: set eval_strategy: steps (and eval_sets, with a "
+                        "general-speech guard set after the domain's)")
+    if cfg.merge_domain_weight <= 0:
+        problems.append(f"merge_domain_weight must be above 0, not {cfg.merge_domain_weight}")
+    if cfg.merge_max_wer_increase < 0:
+        problems.append(f"merge_max_wer_increase must be 0 or more, not {cfg.merge_max_wer_increase}")
+    if not 0 <= cfg.replay_fraction <= 0.9:
+        problems.append(f"replay_fraction must be between 0 and 0.9, not {cfg.replay_fraction}")
+    if bool(cfg.replay_dataset) != (cfg.replay_fraction > 0):
+        problems.append("replay_dataset and replay_fraction go together: set both (e.g. replay_fraction: 0.2) or neither")
+    if cfg.replay_dataset and cfg.streaming:
+        problems.append("replay_dataset works with downloaded datasets, not with streaming: true")
     if cfg.fp16 and cfg.bf16:
         problems.append("fp16 and bf16 are both on; choose one (e.g. --no-fp16 --bf16)")
     if cfg.generation_max_length > MAX_TARGET_POSITIONS:

@@ -57,11 +57,38 @@ def read_evals(out: Path) -> list[dict[str, Any]]:
 
 
 def exported_metrics(cfg, state: dict[str, Any], evals: list[dict[str, Any]]) -> dict[str, Any]:
-    """The evaluation of the model that was exported: the best step's when load_best_model_at_end, else the last."""
+    """The evaluation of the model that was exported: the merge_base pick's, else the best step's when
+    load_best_model_at_end, else the last."""
+    merged = [r for r in evals if "merge_alpha" in r]
+    if merged:
+        return merged[-1]
     step = state.get("best_step") if cfg.load_best_model_at_end and state.get("best_step") is not None \
         else state.get("step")
     at_step = [r for r in evals if r.get("step") == step]
     return at_step[-1] if at_step else {}
+
+
+def merge_section(final: dict[str, Any]) -> str:
+    """merge_base's table for the model card: each alpha's metric on every evaluation set, and the pick."""
+    if "merge_alpha" not in final:
+        return ""
+    rows = final.get("merge_table") or []
+    sets = [k for k in rows[0] if k != "alpha"] if rows else []
+    fmt = lambda v: "n/a" if v is None else f"{v:.2f}"  # noqa: E731
+    lines = "\n".join(f"| {r['alpha']:g}{' (base)' if r['alpha'] == 0 else ''} | " + " | ".join(fmt(r.get(s)) for s in sets)
+                      + " |" for r in rows)
+    return f"""
+### Merged with the base model
+
+The exported weights are theta_base + alpha (theta_fine-tuned - theta_base) (WiSE-FT), {final.get('merge_metric', '')}
+on each evaluation set:
+
+| alpha | {' | '.join(sets)} |
+|---|{'---|' * len(sets)}
+{lines}
+
+Chosen: {final.get('merge_reason', '')}.
+"""
 
 
 def hub_id(ref: str) -> str | None:
@@ -172,6 +199,9 @@ def model_card(cfg, lang, state: dict[str, Any], evals: list[dict[str, Any]]) ->
     evaluated_on = (", ".join(f"`{n}`" for n in sets) + " (the first chose the model)") if cfg.eval_sets \
         else f"`{cfg.eval_split}`"
     all_sets = sets_table(sets, base, final, order[0]) if cfg.eval_sets else ""
+    merged = merge_section(final)
+    if "merge_alpha" in final:
+        exported_step = f"{exported_step}, merged with the base at alpha {final['merge_alpha']:g}"
     worse = worse_than_base(cfg, base, final)
     warning = f"\n**Warning:** {worse}\n" if worse else ""
     return f"""---
@@ -190,7 +220,7 @@ Fine-tuned from {origin} to {cfg.task} {lang.name.title()} speech with whisper-f
 
 Both evaluated by generation on {data} split `{first['split']}` ({samples} samples). Normalised: lowercase,
 without punctuation and symbols, combining marks kept; orthographic: the raw text.
-{spaces}{all_sets}
+{spaces}{all_sets}{merged}
 ## Training
 
 - data: {train_data}; trained on split `{cfg.train_split}`, evaluated on {evaluated_on}
