@@ -59,7 +59,8 @@ def base_config(model: Path, out: Path, **overrides) -> dict:
     cfg = {"lang": "en", "whisper_pretrained": str(model), "checkpoint_dir": str(out), "dataset_name": str(CV_EN),
            "train_split": "train", "eval_split": "dev", "per_device_train_batch_size": 4,
            "per_device_eval_batch_size": 8, "learning_rate": 2e-3, "warmup_steps": 2, "max_steps": 6,
-           "eval_steps": 3, "save_steps": 3, "logging_steps": 1, "gradient_checkpointing": False, "fp16": False,
+           "eval_steps": 3, "save_steps": 3, "logging_steps": 1, "gradient_checkpointing": False,
+           "fp16": False, "bf16": False,
            "dataloader_num_workers": 0, "report_to": "none", "eval_at_start": False, "predict_with_generate": False,
            "metric_for_best_model": "loss"}
     cfg.update(overrides)

@@ -72,6 +72,7 @@ def corpus(path: Path, good: int, bad_names: list[str], malformed: int = 0) -> P
     return path
 
 
+@pytest.mark.slow
 def test_ten_percent_broken_completes_and_reports_every_reason(tiny_model, tmp_path):
     """90 good + 10 broken (every kind, and a malformed CSV line): one epoch, all counted, training goes on."""
     data = corpus(tmp_path / "tenth.csv", good=90, bad_names=list(EXPECTED), malformed=1)
@@ -99,6 +100,7 @@ def test_ten_percent_broken_completes_and_reports_every_reason(tiny_model, tmp_p
     assert (out / "config.json").is_file() and (out / "checkpoint-10").is_dir()
 
 
+@pytest.mark.slow
 def test_half_broken_stops_with_the_reason_after_a_checkpoint(tiny_model, tmp_path):
     """20 good + 20 unreadable: the run stops at the first check (24 samples seen), names the commonest
     reason, saves checkpoint-3 and exits 1; the default max_bad_sample_fraction (0.05) applies."""
@@ -185,6 +187,7 @@ def old_rule_stops(seed: int, n: int, bad_rows: set[int], batch: int, steps: int
     return any(k >= 20 and sum(i in bad_rows for i in order[:k]) / k > 0.05 for k in range(batch, len(order) + 1, batch))
 
 
+@pytest.mark.slow
 def test_four_percent_bad_corpus_completes_with_seeds_the_old_rule_stopped(tiny_model, tmp_path):
     """46 good + 2 missing/corrupt (4.2%): for seeds whose draw order put both bad samples among the first 24,
     the old rule stopped the run in its first minute; now each run goes on and reports the two."""

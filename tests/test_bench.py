@@ -3,6 +3,8 @@ only that every measurement ran and reported sane values). About a minute of CPU
 
 from __future__ import annotations
 
+import pytest
+
 import json
 import subprocess
 import sys
@@ -10,6 +12,7 @@ import sys
 from conftest import ROOT
 
 
+@pytest.mark.slow
 def test_bench_gpu_smoke_on_cpu(tmp_path):
     out = tmp_path / "bench.json"
     proc = subprocess.run(
@@ -82,6 +85,7 @@ def test_profile_sorts_gpu_kernels_into_categories():
     assert s["top"][0]["calls_per_step"] == 1
 
 
+@pytest.mark.slow
 def test_attention_bench_times_each_backend_and_compares_it_with_math(tmp_path):
     """bench/bench_attention.py on CPU: the backends CPU has run and agree with math, the CUDA-only ones are
     reported as unavailable instead of failing the run, and the default names the backend SDPA chose."""

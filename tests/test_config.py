@@ -14,6 +14,7 @@ def write(tmp_path, text):
     return str(p)
 
 
+@pytest.mark.slow
 def test_yaml_then_cli_then_derived(tmp_path):
     path = write(tmp_path, "lang: hi\nlearning_rate: 1e-5\nmax_steps: 100\nfp16: false\n")
     cfg = load_config(["--config", path, "--learning-rate", "3e-5", "-t", "50", "--bf16"], env={})
@@ -23,6 +24,7 @@ def test_yaml_then_cli_then_derived(tmp_path):
     assert cfg.checkpoint_dir == "checkpoints/whisper-small-hi"
 
 
+@pytest.mark.slow
 def test_guide_short_flags_keep_their_meaning(tmp_path):
     cfg = load_config(["-g", "1", "-l", "as", "-dn", "x/y", "-dc", "/c", "-mn", "whisper-tiny", "-mc", "/m",
                        "-wp", "/w", "-ck", "run", "-cd", "/out", "-t", "7"], env={})
@@ -31,6 +33,7 @@ def test_guide_short_flags_keep_their_meaning(tmp_path):
         ("1", "as", "x/y", "/c", "whisper-tiny", "/m", "/w", "run", "/out", 7)
 
 
+@pytest.mark.slow
 def test_every_field_has_a_long_flag_and_a_comment():
     for name, default, comment in field_docs():
         assert comment, f"{name} has no one-line comment"
@@ -78,6 +81,7 @@ def test_missing_config_file():
         load_config(["--config", "/nonexistent/c.yaml"], env={})
 
 
+@pytest.mark.slow
 def test_bad_config_exits_2_with_one_message_and_no_traceback(tmp_path):
     path = write(tmp_path, "max_stepz: 3\n")
     proc = subprocess.run([sys.executable, str(ROOT / "train_loop.py"), "--config", path], capture_output=True,

@@ -50,6 +50,7 @@ def run_two_machines(cfgs: list[dict], tmp, *args: str, timeout: int = 300) -> l
     return results
 
 
+@pytest.mark.slow
 def test_two_machines_stop_resume_and_match_one_machine_bit_for_bit(tiny_model, tmp_path):
     """2 machines x 1 process x batch 1 == 1 process x batch 1 x accumulation 2, exactly.
 
@@ -97,6 +98,7 @@ def test_two_machines_stop_resume_and_match_one_machine_bit_for_bit(tiny_model, 
     assert info["missing_keys"] in ([], set()) and info["unexpected_keys"] in ([], set())
 
 
+@pytest.mark.slow
 def test_a_signal_to_one_machine_stops_both_at_the_same_step_after_saving(tiny_model, tmp_path):
     """Preemption may signal one machine only. Its flag reaches the other in the step's totals (one all-reduce,
     batches.step_totals), so both save the same checkpoint after the same step and stop there."""
@@ -222,6 +224,7 @@ def test_deepspeed_problems_are_reported_together(tmp_path):
     assert "predict_with_generate is not supported with DeepSpeed ZeRO-3" in message
 
 
+@pytest.mark.slow
 def test_zero3_without_init_flag_loads_the_whole_model_then_registers_deepspeed_again(monkeypatch):
     """accelerate registers its DeepSpeed config with transformers whatever zero3_init_flag says, and under ZeRO-3
     from_pretrained then partitions the model as it builds it, which fails for Whisper (DESIGN: ZeRO-3 loading).
@@ -268,6 +271,7 @@ def test_zero3_without_init_flag_loads_the_whole_model_then_registers_deepspeed_
         assert hf_ds._hf_deepspeed_config_weak_ref() is not None
 
 
+@pytest.mark.slow
 def test_fsdp2_sharded_model_evaluates_and_exports_like_the_plain_one(tiny_model, tmp_path):
     """Evaluation on uneven shards (placeholder batches) and the gathered export, under FSDP2 on CPU.
 

@@ -61,6 +61,7 @@ def same_metrics(a: dict, b: dict) -> None:
     assert a["eval_loss"] == pytest.approx(b["eval_loss"], rel=1e-5)
 
 
+@pytest.mark.slow
 def test_final_model_reproduces_the_runs_last_evaluation(trained):
     """No --model: the run's exported model; its numbers equal the step-2 line of metrics.jsonl."""
     config, out = trained
@@ -77,6 +78,7 @@ def test_final_model_reproduces_the_runs_last_evaluation(trained):
     assert all(set(r) == {"id", "reference", "prediction", "wer"} and r["wer"] is not None for r in rows)
 
 
+@pytest.mark.slow
 def test_base_model_on_test_split_and_a_checkpoint_folder(trained, tiny_model, tmp_path, capsys):
     """--model BASE --split test is the zero-shot baseline (test.tsv is a copy of dev: equal to step 0);
     --model checkpoint-2 loads raw training state (tied proj_out restored) and equals the final model."""
@@ -95,6 +97,7 @@ def test_base_model_on_test_split_and_a_checkpoint_folder(trained, tiny_model, t
     same_metrics(summary["metrics"], [r for r in metrics(out) if "eval_wer" in r and r["step"] == 2][-1])
 
 
+@pytest.mark.slow
 def test_two_processes_count_every_sample_once(trained, tmp_path):
     """torchrun x2 on CPU: 8 samples split 4+4, gathered and written once, the same numbers as one process."""
     config, out = trained
@@ -124,6 +127,7 @@ def test_unusable_samples_are_skipped_counted_and_named(tiny_model, tmp_path, ca
     assert "unusable samples" in err and "corrupt.mp3" in err
 
 
+@pytest.mark.slow
 def test_bad_config_and_missing_model_are_one_clear_message(trained, tmp_path, capsys):
     config, _ = trained
     code, err = evaluate_here(config, "--split", "test", "--learning-rat", "1", capsys=capsys)

@@ -35,6 +35,7 @@ def exported(tiny_model, tmp_path_factory):
     return model, out, proc
 
 
+@pytest.mark.slow
 def test_export_writes_what_faster_whisper_reads(exported):
     model, out, proc = exported
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -50,6 +51,7 @@ def test_export_writes_what_faster_whisper_reads(exported):
     assert len(json.loads((out / "vocabulary.json").read_text())) == len(WhisperTokenizer.from_pretrained(model))
 
 
+@pytest.mark.slow
 def test_exported_model_transcribes_like_transformers(exported):
     """Loaded the way faster-whisper loads it (tokenizers' tokenizer.json, preprocessor_config.json), the
     export's greedy transcripts of the clips equal transformers' greedy transcripts, token for token."""
@@ -95,6 +97,7 @@ def test_existing_output_is_kept_unless_forced(exported, capsys):
     assert (out / "model.bin").stat().st_mtime_ns == before
 
 
+@pytest.mark.slow
 def test_missing_ctranslate2_is_a_clear_message(tmp_path):
     code = ("import sys; sys.modules['ctranslate2'] = None\n"  # as if the optional extra were not installed
             "from whisper_ft.cli.export import main; sys.exit(main(sys.argv[1:]))")

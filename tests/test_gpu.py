@@ -36,6 +36,7 @@ def close_rows(a: list[tuple], b: list[tuple], rel: float = 1e-4) -> bool:
                                     for x, y in zip(a, b))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("config_file", ["fsdp.yaml", "deepspeed_zero2.yaml", "deepspeed_zero3.yaml"])
 def test_sharded_run_resumes_reloads_the_best_and_exports_a_whole_model(config_file, tiny_model, tmp_path):
     """greater_is_better turned round makes the first evaluation (step 2) the best while the loss falls, so

@@ -67,6 +67,7 @@ def train(args, env=None, cwd=ROOT):
                           text=True, timeout=600, env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})})
 
 
+@pytest.mark.slow
 def test_guide_config_verbatim_loads(tmp_path):
     """The guide's file as it is: report_to a YAML list, 1e-5 a string to YAML 1.1, nulls for derived paths."""
     cfg = load_config(["--config", str(guide_file(tmp_path)), "--no-push-to-hub"], env={})
@@ -75,6 +76,7 @@ def test_guide_config_verbatim_loads(tmp_path):
     assert cfg.whisper_pretrained == "openai/whisper-medium" and cfg.hf_token != "<your_hf_token>"
 
 
+@pytest.mark.slow
 def test_guide_config_trains_on_cpu_with_the_guides_long_flags(tiny_model, tmp_path):
     """Verbatim but for data, model and output paths (given with the guide's flags) and the upload: the guide's
     hf_token is its placeholder, so push_to_hub is turned off on the command line (--no-push-to-hub)."""
@@ -229,6 +231,7 @@ def test_each_gpu_asked_for_must_be_seen(monkeypatch):
     assert env == {"CUDA_VISIBLE_DEVICES": "", "ACCELERATE_USE_CPU": "true"}
 
 
+@pytest.mark.slow
 def test_gpu_device_under_accelerate_launch(monkeypatch):
     """The guide's `gpu_device: 1` must not land on GPU 0 when accelerate launch was given no --gpu_ids."""
     from whisper_ft import device

@@ -179,6 +179,7 @@ def _push_in_subprocess(folder: Path, hub: FakeHub, tmp: Path, **settings) -> su
                           text=True, timeout=120, env={**os.environ, **hub.env()})
 
 
+@pytest.mark.slow
 def test_refused_token_fails_at_once_with_advice(tiny_model, tmp_path):
     """401 is not transient: one attempt, a message that says what to do, and the token masked."""
     hub = FakeHub(fail_first={"/api/repos/create": 5}, status=401)
@@ -192,6 +193,7 @@ def test_refused_token_fails_at_once_with_advice(tiny_model, tmp_path):
     assert len(hub.paths("/api/repos/create")) == 1 and not hub.files
 
 
+@pytest.mark.slow
 def test_default_repo_is_the_users(tiny_model, tmp_path):
     hub = FakeHub()
     try:
@@ -368,6 +370,7 @@ def test_check_token_offline_online_and_refused():
     assert "did not accept the token" in str(err.value) and TOKEN not in str(err.value)
 
 
+@pytest.mark.slow
 def test_read_only_token_stops_before_the_model_loads(tmp_path):
     """Online, against the stand-in Hub: whoami says read-only, so the run ends in seconds, not after training."""
     hub = FakeHub()

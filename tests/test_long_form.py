@@ -71,6 +71,7 @@ def test_long_clip_report_before_and_after_fine_tuning(before_after):
     assert before_after["base"]["long_form_wer"] >= 100 > before_after["tuned"]["long_form_wer"]
 
 
+@pytest.mark.slow
 def test_fine_tuned_segments_start_with_a_space(before_after, learned_run, tmp_path):
     """Labels with Whisper's leading space: every segment the fine-tuned model writes starts with a space,
     so segments join as words ("down open"), never glued ("downopen"). Trained on labels without the
@@ -84,6 +85,7 @@ def test_fine_tuned_segments_start_with_a_space(before_after, learned_run, tmp_p
         assert report["segments_without_leading_space"] == 0
 
 
+@pytest.mark.slow
 def test_clips_are_joined_with_pauses_into_recordings(tiny_model, tmp_path):
     """12-s recordings from the 8 dev clips: the clips in order, 0.5 s apart, references joined with spaces."""
     from whisper_ft.sources import load_records
@@ -108,6 +110,7 @@ def test_clips_are_joined_with_pauses_into_recordings(tiny_model, tmp_path):
     assert np.isclose(report["audio_seconds"], sum(seconds) + 0.5 * (len(seconds) - len(groups)), atol=0.01)
 
 
+@pytest.mark.slow
 def test_a_language_without_spaces_joins_references_without_them_and_reports_cer(tiny_model, tmp_path):
     """Japanese (lang: ja) is written without spaces between words: joined clips' references are concatenated
     as they are, the summary line gives CER (WER would count each recording as one word), and segments are
@@ -125,6 +128,7 @@ def test_a_language_without_spaces_joins_references_without_them_and_reports_cer
     assert "long-form CER" in proc.stderr and "without a space" not in proc.stderr
 
 
+@pytest.mark.slow
 def test_audio_without_transcript_is_a_clear_error(tiny_model, tmp_path):
     import shutil
 

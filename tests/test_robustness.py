@@ -1,5 +1,6 @@
 """Issue 4: signals, kills during saves, NaN losses, and a token that never leaks."""
 
+import pytest
 import json
 import os
 import random
@@ -33,6 +34,7 @@ def wait_for_step(out, step: int, proc: subprocess.Popen, timeout: float = 240) 
     raise AssertionError(f"step {step} not reached")
 
 
+@pytest.mark.slow
 def test_sigterm_saves_a_checkpoint_and_the_run_resumes(tiny_model, tmp_path):
     out = tmp_path / "run"
     cfg = base_config(tiny_model, out, max_steps=1000, save_steps=1000, eval_steps=1000)
@@ -50,6 +52,7 @@ def test_sigterm_saves_a_checkpoint_and_the_run_resumes(tiny_model, tmp_path):
     assert [r["step"] for r in metrics(out) if "loss" in r] == list(range(1, saved[0] + 2))
 
 
+@pytest.mark.slow
 def test_sigkill_at_random_moments_during_saves_leaves_a_resumable_run(tiny_model, tmp_path):
     out = tmp_path / "run"
     cfg = base_config(tiny_model, out, max_steps=1000, save_steps=1, eval_steps=1000, save_total_limit=2)
@@ -68,6 +71,7 @@ def test_sigkill_at_random_moments_during_saves_leaves_a_resumable_run(tiny_mode
     assert not list(out.glob("checkpoint-*.tmp"))
 
 
+@pytest.mark.slow
 def test_nan_losses_are_skipped_and_k_in_a_row_stop_the_run(tiny_model, tmp_path):
     out = tmp_path / "run"
     cfg = base_config(tiny_model, out, max_steps=12, save_steps=4, eval_steps=100, max_nonfinite_steps=3)
@@ -81,6 +85,7 @@ def test_nan_losses_are_skipped_and_k_in_a_row_stop_the_run(tiny_model, tmp_path
     assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-4"]
 
 
+@pytest.mark.slow
 def test_token_appears_in_no_output(tiny_model, tmp_path):
     token = "hf_FAKEtoken1234567890abcdef"
     out = tmp_path / "run"
@@ -95,6 +100,7 @@ def test_token_appears_in_no_output(tiny_model, tmp_path):
     assert leaked == []
 
 
+@pytest.mark.slow
 def test_two_processes_agree_on_bad_samples(tiny_model, tmp_path):
     """Bad samples drawn on either process are counted once, the same on both (no deadlock, no double count)."""
     from conftest import BAD
@@ -114,6 +120,7 @@ def test_two_processes_agree_on_bad_samples(tiny_model, tmp_path):
     assert proc.stderr.count("skipped ") >= 5  # the first few are named as they happen
 
 
+@pytest.mark.slow
 def test_edited_mixture_file_on_resume_is_refused(tiny_model, tmp_path):
     from conftest import CV_AS, CV_EN
 
@@ -136,6 +143,7 @@ def wait_for_text(proc: subprocess.Popen, text: str, timeout: float = 120) -> st
     return seen
 
 
+@pytest.mark.slow
 def test_signal_during_evaluation_abandons_it_and_the_resume_evaluates_again(tiny_model, tmp_path):
     out = tmp_path / "run"
     cfg = base_config(tiny_model, out, max_steps=1000, save_steps=1000, eval_steps=1000, eval_at_start=True,
@@ -181,6 +189,7 @@ def test_a_second_ctrl_c_exits_at_once_but_a_repeated_sigterm_keeps_saving():
             signal.signal(sig, handler)
 
 
+@pytest.mark.slow
 def test_messages_go_to_stdout_once_stderr_has_no_reader():
     """A launcher that pipes stderr and dies first must not turn "saved checkpoint-N" into a BrokenPipeError."""
     code = ("import os, sys\n"
@@ -195,6 +204,7 @@ def test_messages_go_to_stdout_once_stderr_has_no_reader():
     assert proc.stdout.splitlines() == ["saved checkpoint-7", "stopped by signal"]
 
 
+@pytest.mark.slow
 def test_a_sigterm_to_accelerate_launch_alone_saves_and_the_run_resumes(tiny_model, tmp_path):
     """What Kubernetes and many schedulers do: SIGTERM to the job's first process, `accelerate launch`, only.
     accelerate 1.16+ passes it on (then SIGKILLs after 5 s); older versions died alone and left the trainer
@@ -225,6 +235,7 @@ def test_a_sigterm_to_accelerate_launch_alone_saves_and_the_run_resumes(tiny_mod
         resumed.stderr[-2000:]
 
 
+@pytest.mark.slow
 def test_truncated_newest_weights_resume_from_the_older_checkpoint(tiny_model, tmp_path):
     """Issue 9: a newest checkpoint whose model.safetensors was cut short ended the run in a SafetensorError
     traceback; now it is named, kept on disk, and the run resumes from the one before."""
@@ -240,6 +251,7 @@ def test_truncated_newest_weights_resume_from_the_older_checkpoint(tiny_model, t
     assert weights.is_file() and (out / "checkpoint-3" / "COMPLETE").is_file()
 
 
+@pytest.mark.slow
 def test_rerunning_a_finished_run_says_so_and_exports_nothing_again(tiny_model, tmp_path):
     out = tmp_path / "run"
     cfg = base_config(tiny_model, out, max_steps=2, save_steps=2, eval_steps=2)
@@ -251,6 +263,7 @@ def test_rerunning_a_finished_run_says_so_and_exports_nothing_again(tiny_model, 
     assert {p: (p.stat().st_mtime_ns, p.read_bytes()) for p in out.rglob("*") if p.is_file()} == before
 
 
+@pytest.mark.slow
 def test_launch_sh_on_the_cpu_stops_on_its_printed_command_and_the_same_command_resumes(tiny_model, tmp_path):
     """bash launch.sh cpu: in the background, stopped with the `kill -TERM -- -PGID` it prints, rerun to finish."""
     out = tmp_path / "run"

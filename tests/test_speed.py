@@ -31,6 +31,7 @@ def test_bucketed_labels_pad_to_the_next_bucket(longest, width):
     assert width in LABEL_BUCKETS
 
 
+@pytest.mark.slow
 def test_a_short_batch_is_padded_with_rows_that_change_no_loss_or_gradient(tiny_model):
     from transformers import WhisperForConditionalGeneration
 
@@ -60,7 +61,7 @@ def test_a_short_batch_is_padded_with_rows_that_change_no_loss_or_gradient(tiny_
 
 
 @pytest.mark.parametrize("args,yaml_text,expect", [
-    ([], "lang: en\n", ("true", "auto")),  # an empty config file is an error (issue 9): set something else
+    ([], "lang: en\n", ("false", "auto")),  # an empty config file is an error (issue 9): set something else
     ([], "gradient_checkpointing: false\ntorch_compile: true\n", ("false", "true")),
     ([], "gradient_checkpointing: encoder\ntorch_compile: no\n", ("encoder", "false")),
     (["--gradient-checkpointing"], "gradient_checkpointing: false\n", ("true", "auto")),
@@ -94,6 +95,7 @@ def _loss_and_grads(model, features, labels):
     return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
 
+@pytest.mark.slow
 def test_encoder_only_checkpointing_recomputes_the_encoder_and_changes_no_gradient(tiny_model):
     from transformers import WhisperForConditionalGeneration
 
@@ -123,6 +125,7 @@ def test_encoder_only_checkpointing_recomputes_the_encoder_and_changes_no_gradie
         torch.testing.assert_close(grads_ckpt[name], grads_plain[name], rtol=1e-5, atol=1e-7, msg=name)
 
 
+@pytest.mark.slow
 def test_flop_formula_matches_torch_flop_counter(tiny_model):
     """The MFU figure's FLOP count (speed.training_flops_per_sample) against PyTorch's own count of the matmuls,
     convolutions and attention in one forward + backward of the tiny model."""
@@ -144,6 +147,7 @@ def test_flop_formula_matches_torch_flop_counter(tiny_model):
     assert abs(formula - measured) / measured < 0.03, (formula, measured)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("which", ["random", "learned"])
 def test_greedy_decoding_gives_the_tokens_of_generate(which, tiny_model, request):
     """Every greedy prediction over the English corpus: evaluation's own decoding loop (whisper_ft.greedy) vs
@@ -260,6 +264,7 @@ def test_eval_batches_are_ordered_by_length():
     assert sorted(shards[0] + shards[1]) == sorted(r.id for r in records)  # each sample on exactly one process
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mode", ["full", "lora"])
 def test_compiled_training_matches_eager_per_step(mode, tiny_model_1layer, tmp_path):
     """train_loop.py with torch_compile: true (forced on CPU) against false: per-step losses within rel 1e-4.
@@ -323,6 +328,7 @@ def test_graphs_compiled_elsewhere_are_not_recompilations_of_the_training_forwar
     assert forward.stats() == {"compiled_graphs": 3, "recompiled_graphs": 1}
 
 
+@pytest.mark.slow
 def test_compile_failure_falls_back_to_eager_once(tiny_model):
     from transformers import WhisperForConditionalGeneration
 

@@ -1,5 +1,6 @@
 """The real entry point, end to end: resume exactness, two processes, the exported model, learning."""
 
+import pytest
 import sys
 
 import torch
@@ -20,6 +21,7 @@ def test_resume_is_step_exact_with_accumulation(tiny_model, tmp_path):
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
+@pytest.mark.slow
 def test_changed_model_on_resume_is_refused(tiny_model, tiny_model_en, tmp_path):
     out = tmp_path / "run"
     assert run_train(base_config(tiny_model, out, max_steps=3), tmp_path).returncode == 0
@@ -28,6 +30,7 @@ def test_changed_model_on_resume_is_refused(tiny_model, tiny_model_en, tmp_path)
     assert "belong to a different run: whisper_pretrained was" in proc.stderr and "new checkpoint_name" in proc.stderr
 
 
+@pytest.mark.slow
 def test_two_processes_count_each_eval_sample_once_and_share_the_schedule(tiny_model, tmp_path):
     """torchrun x2 on CPU: 7 eval samples split 4+3 are all counted once; LR per step equals 1 process."""
     cfg = dict(max_steps=4, eval_steps=4, save_steps=4, predict_with_generate=True, max_eval_samples=7,
@@ -46,6 +49,7 @@ def test_two_processes_count_each_eval_sample_once_and_share_the_schedule(tiny_m
     assert [r["epoch"] for r in metrics(two) if "loss" in r] == [r["epoch"] for r in metrics(one) if "loss" in r]
 
 
+@pytest.mark.slow
 def test_final_model_reloads_cleanly_with_language_and_task(tiny_model, tmp_path, caplog):
     out = tmp_path / "run"
     cfg = base_config(tiny_model, out, lang="as", dataset_name=str(CV_EN.parent / "cv-as"), max_steps=2,
@@ -82,12 +86,14 @@ def test_final_model_reloads_cleanly_with_language_and_task(tiny_model, tmp_path
     assert "checkpoint-2" in kept and "metrics.jsonl" in kept
 
 
+@pytest.mark.slow
 def test_missing_dataset_is_one_clear_error(tiny_model, tmp_path):
     proc = run_train(base_config(tiny_model, tmp_path / "x", dataset_name=str(tmp_path / "nope.csv")), tmp_path)
     assert proc.returncode == 1
     assert "manifest" in proc.stderr and "does not exist" in proc.stderr and "Traceback" not in proc.stderr
 
 
+@pytest.mark.slow
 def test_wer_falls_from_100_to_under_30(learned_run):
     """The demo's recipe: a random-init tiny Whisper learns to read the committed clips."""
     out, proc, _ = learned_run
@@ -115,6 +121,7 @@ def parquet_copy(folder):
     return folder
 
 
+@pytest.mark.slow
 def test_streaming_resume_is_step_exact_across_epochs(tiny_model, tmp_path):
     """Streamed data: 8 steps straight == 4 + resume + 4, across an epoch boundary (25 rows, 3 per step)."""
     data = parquet_copy(tmp_path / "pq")

@@ -127,6 +127,7 @@ def test_under_fp16_the_loss_scaler_skips_a_nonfinite_step_on_the_device():
     assert int(optimizer.state[model.weight]["step"]) == 2 and scaler.get_scale() == 512.0
 
 
+@pytest.mark.slow
 def test_8bit_adamw_on_cpu_is_one_clear_message(tiny_model, tmp_path):
     proc = run_train(base_config(tiny_model, tmp_path / "x", optim="adamw_8bit"), tmp_path,
                      env={"ACCELERATE_USE_CPU": "true"})
@@ -146,6 +147,7 @@ def test_lora_target_modules_take_a_list_or_a_string(tmp_path):
         load_config(["--config", str(path)], env={})
 
 
+@pytest.mark.slow
 def test_unknown_lora_target_or_too_long_feature_mask_is_a_model_error(tiny_model):
     from transformers import WhisperForConditionalGeneration
 
@@ -160,6 +162,7 @@ def test_unknown_lora_target_or_too_long_feature_mask_is_a_model_error(tiny_mode
         trainable.setup_model(model, Config(apply_spec_augment=True, mask_feature_length=81), print)
 
 
+@pytest.mark.slow
 def test_a_checkpoint_stored_in_fp16_is_loaded_in_fp32(tiny_model, tmp_path):
     """large-v3 and large-v3-turbo are stored in fp16 and transformers 5 loads a checkpoint in its stored dtype:
     a run would train fp16 weights (and on the CPU fail at the first conv). load_whisper asks for fp32."""
@@ -178,6 +181,7 @@ def test_a_checkpoint_stored_in_fp16_is_loaded_in_fp32(tiny_model, tmp_path):
     assert {p.dtype for p in model.parameters()} == {torch.float32}
 
 
+@pytest.mark.slow
 def test_lora_under_bf16_trains_a_bf16_base_and_exports_an_fp32_merge(tiny_model, tmp_path):
     """LoRA under bf16: the frozen base is held in bf16 (half the memory), the adapters and their gradients in
     fp32, and the export merges the adapters into an fp32 reload of the base: exactly the merge into the
@@ -224,6 +228,7 @@ def test_lora_under_bf16_trains_a_bf16_base_and_exports_an_fp32_merge(tiny_model
     assert not torch.equal(merged[q], merged[q].bfloat16().float())
 
 
+@pytest.mark.slow
 def test_lora_under_autocast_does_not_copy_activations_to_fp32(tiny_model):
     """peft casts each adapter's input to the adapter's dtype (fp32), and autocast casts it straight back to bf16
     for the matmul: two copies of an activation per adapter for nothing. Under autocast the loop turns that cast
@@ -272,6 +277,7 @@ def test_lora_under_autocast_does_not_copy_activations_to_fp32(tiny_model):
 # ---- SpecAugment ------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_spec_augment_masks_features_only_in_training(tiny_model):
     from transformers import WhisperForConditionalGeneration
 
@@ -305,6 +311,7 @@ def test_spec_augment_masks_features_only_in_training(tiny_model):
 # ---- LoRA and the frozen encoder, end to end --------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_lora_resume_is_step_exact_with_spec_augment(tiny_model, tmp_path):
     """LoRA with dropout and SpecAugment (both draw random numbers) and accumulation: 6 steps straight ==
     2 + resume + 2 + resume + 2, bit for bit; checkpoints hold the adapter weights only; the best
@@ -359,6 +366,7 @@ def test_resuming_with_another_training_mode_is_refused():
     assert resume_state(dict(saved), Config(lora_r=4, lora_dropout=0.2, mask_time_prob=0.1), print)  # noted only
 
 
+@pytest.mark.slow
 def test_freeze_encoder_leaves_the_encoder_bit_identical(tiny_model, tmp_path):
     out = tmp_path / "frozen"
     proc = run_train(base_config(tiny_model, out, max_steps=3, save_steps=3, eval_steps=3, freeze_encoder=True,
@@ -379,6 +387,7 @@ def test_freeze_encoder_leaves_the_encoder_bit_identical(tiny_model, tmp_path):
 NO_PEFT = "import sys; sys.modules['peft'] = None  # written by test_trainable: this interpreter has no peft\n"
 
 
+@pytest.mark.slow
 def test_lora_learns_and_exports_a_plain_whisper_that_loads_without_peft(learned_run, tmp_path):
     """LoRA teaches a model that reads English (the shared 150-step run, standing in for a pretrained
     Whisper) the Assamese clips: WER falls from babble (over 100%) to under half of that. The export is the
@@ -481,6 +490,7 @@ def tiny_large_v3(tmp_path_factory):
     return tiny.build(tmp_path_factory.mktemp("tiny_v3") / "model", texts, num_mel_bins=128)
 
 
+@pytest.mark.slow
 def test_tiny_large_v3_has_the_large_v3_layout(tiny_large_v3):
     from transformers import WhisperProcessor
 
@@ -496,6 +506,7 @@ def test_tiny_large_v3_has_the_large_v3_layout(tiny_large_v3):
     assert config["vocab_size"] == len(tok) == sot + 1608
 
 
+@pytest.mark.slow
 def test_large_v3_layout_trains_evaluates_and_exports(tiny_large_v3, tmp_path):
     """128 mel bins through data, training (here with LoRA, the way large-v3 fits a small card), evaluation
     and the CTranslate2 export."""

@@ -25,6 +25,7 @@ def test_collator_strips_one_start_token_and_pads_with_ignore_index():
     assert batch["ids"] == ["0", "1"] and [b.id for b in batch["bad"]] == ["x"]
 
 
+@pytest.mark.slow
 def test_collator_with_real_tokenizer_gives_one_start_token_to_the_model(tiny_model):
     from transformers import WhisperForConditionalGeneration, WhisperProcessor
     from transformers.models.whisper.modeling_whisper import shift_tokens_right
