@@ -440,6 +440,21 @@ def test_load_data_mixture_weights_splits_and_log(tmp_path, prepare):
     assert len(evals) == 8 and evals[0].id == "cv-en/common_voice_en_000025.mp3"  # cv-as gives no eval samples
 
 
+def test_replay_adds_its_share_of_general_speech_to_each_epoch(tmp_path, prepare):
+    """25 domain records and replay_fraction 0.2: 6 general samples join them (6 / 31 = 19%; cv-as has 6), from the
+    replay source's own split with its own columns, the domain's records unchanged and once each."""
+    from whisper_ft.batches import load_data
+
+    said = []
+    cfg = cfg_for(str(CV_EN), text_column="sentence", replay_dataset=str(CV_AS), replay_split="train+dev",
+                  replay_fraction=0.2)
+    train, _ = load_data(cfg, resolve("en"), prepare, said.append)
+    domain, _ = load_data(cfg_for(str(CV_EN), text_column="sentence"), resolve("en"), prepare, [].append)
+    assert train[:len(domain)] == domain and len(train) == 25 + 6
+    assert all(r.id.startswith("replay/") for r in train[25:]) and len({r.id for r in train[25:]}) == 6
+    assert said[0] == f"replay: 6 samples per epoch from {CV_AS} (6 records), 20% of 31"
+
+
 # ---------------------------------------------------------------------------------------------
 # Checks before training
 
@@ -533,6 +548,7 @@ def test_workers_give_the_same_samples_and_bad_ones(prepare):
     assert epoch(2) == (ids, bad)
 
 
+@pytest.mark.slow
 def test_train_loop_on_a_mixture_of_a_release_folder_and_a_hub_dataset(tiny_model, parquet_dataset, tmp_path):
     """End to end: a Common Voice folder and a (local) Hub dataset mixed 1:1 by a mixture file."""
     from conftest import base_config, metrics, run_train

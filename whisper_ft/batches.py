@@ -56,6 +56,8 @@ def load_data(cfg: Config, lang, prepare, say) -> tuple[Any, list]:
     bad = []
     if isinstance(train, list):  # a streamed split's samples are only checked as they are drawn
         train = train[: cfg.max_train_samples or None]
+        if cfg.replay_dataset:
+            train = with_replay(train, cfg, lang, say)
         bad = _check_train(train, prepare, cfg, where)
     elif cfg.max_train_samples:
         train = train.take(cfg.max_train_samples)
@@ -143,6 +145,25 @@ def _duplicates(records) -> list[str]:
             dups.append(r.id)
         seen.add(key)
     return dups
+
+
+def with_replay(train: list, cfg: Config, lang, say) -> list:
+    """The training records plus replay_dataset's share of each epoch (replay_fraction), drawn as a mixture
+    source is: the domain's records once each, then general speech, so that fine-tuning keeps seeing what the
+    base model already knew. The replay source's columns are found by name, not taken from the run's."""
+    import numpy as np
+
+    from whisper_ft.sources import draw
+
+    general = load_records(cfg.replay_dataset, cfg.replay_split, lang=lang, text_column="", audio_column="",
+                           dataset_config="", revision="", cache_dir=cfg.dataset_cache, token=cfg.hf_token,
+                           streaming=False)
+    if not general:
+        raise DataError(f"replay_dataset {cfg.replay_dataset} split {cfg.replay_split!r} has no samples")
+    count = round(cfg.replay_fraction / (1 - cfg.replay_fraction) * len(train))
+    say(f"replay: {count} samples per epoch from {cfg.replay_dataset} ({len(general)} records), "
+        f"{cfg.replay_fraction:.0%} of {len(train) + count}")
+    return train + draw(general, count, np.random.default_rng(cfg.seed), "replay")
 
 
 def _source_args(cfg: Config, source: dict[str, Any], lang) -> dict[str, Any]:

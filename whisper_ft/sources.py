@@ -348,9 +348,16 @@ def mix(parts: list[tuple[str, list[Record]]], weights: list[float | None],
         counts = [round(w / sum(ws) * sum(sizes)) if n else 0 for w, n in zip(ws, sizes)]
     mixed = []
     rng = np.random.default_rng(seed)
-    for (label, records), n, count in zip(parts, sizes, counts):
-        repeats, rest = divmod(count, n) if n else (0, 0)
-        chosen = list(range(n)) * repeats + (sorted(rng.choice(n, size=rest, replace=False).tolist()) if rest else [])
-        renamed = {i: dataclasses.replace(records[i], id=f"{label}/{records[i].id}") for i in set(chosen)}
-        mixed += [renamed[i] for i in chosen]
+    for (label, records), count in zip(parts, counts):
+        mixed += draw(records, count, rng, label)
     return mixed, counts
+
+
+def draw(records: list[Record], count: int, rng, label: str) -> list[Record]:
+    """`count` samples of `records` for one epoch, ids prefixed by `label`: whole repeats of them, then a seeded
+    random subset for the remainder."""
+    n = len(records)
+    repeats, rest = divmod(count, n) if n else (0, 0)
+    chosen = list(range(n)) * repeats + (sorted(rng.choice(n, size=rest, replace=False).tolist()) if rest else [])
+    renamed = {i: dataclasses.replace(records[i], id=f"{label}/{records[i].id}") for i in set(chosen)}
+    return [renamed[i] for i in chosen]
