@@ -117,15 +117,64 @@ def test_label_limit_counts_the_timestamp_tokens(processor):
     assert isinstance(bad, Bad) and bad.reason == "transcript over 448 tokens"
 
 
-def test_a_tokenizer_without_timestamp_tokens_is_refused(processor):
+def test_a_tokenizer_without_notimestamps_is_refused(processor):
     from whisper_ft.data import DataError
 
-    class NoTimestamps:
+    class NoTimestamps:  # no <|notimestamps|>: nothing to count the timestamp ids from
         unk_token_id = 0
 
         def convert_tokens_to_ids(self, tokens):
-            return [0, 0] if isinstance(tokens, list) else 5
+            return [0] * len(tokens) if isinstance(tokens, list) else 0
 
     with pytest.raises(DataError, match="timestamp_probability: 0"):
         Prepare(processor.feature_extractor, NoTimestamps(), timestamp_probability=0.2)
     Prepare(processor.feature_extractor, NoTimestamps())  # p = 0 needs none
+
+
+def unnamed_twin(processor):
+    """The fixture's tokenizer built again from the same texts without <|0.00|> ... <|30.00|>."""
+    from conftest import CV_AS
+    from whisper_ft import tiny
+
+    texts = tiny.texts_from_tsv(CV_EN / "validated.tsv") + tiny.texts_from_tsv(CV_AS / "train.tsv")
+    tok = tiny.build_tokenizer(texts, named_timestamps=False)
+    tok.set_prefix_tokens(language="en", task="transcribe")
+    return tok
+
+
+def test_timestamps_without_named_tokens_use_the_ids_after_notimestamps(processor):
+    named, unnamed = processor.tokenizer, unnamed_twin(processor)
+    assert unnamed.convert_tokens_to_ids("<|0.00|>") == unnamed.unk_token_id  # really has no named timestamps
+    assert len(unnamed) == len(named) - 1501
+    records = load_records(str(CV_EN), "train")[:6]
+    with_names = Prepare(processor.feature_extractor, named, timestamp_probability=1.0)
+    without = Prepare(processor.feature_extractor, unnamed, timestamp_probability=1.0)  # not refused
+    for draw, record in enumerate(records):
+        a, b = with_names(record, draw=draw), without(record, draw=draw)
+        assert a["labels"] == b["labels"]
+        # ... and those ids are the named ones: <|0.00|> first, <|T|> with T the clip's length rounded down
+        assert named.convert_ids_to_tokens(b["labels"][3]) == "<|0.00|>"
+        end = round(math.floor(a["seconds"] / 0.02 + 1e-6) * 0.02, 2)
+        assert named.convert_ids_to_tokens(b["labels"][-2]) == f"<|{end:.2f}|>"
+    assert without.with_timestamps(without.labels("the cat"), 30.0)[-2] == named.convert_tokens_to_ids("<|30.00|>")
+
+
+@pytest.mark.slow
+def test_a_model_whose_tokenizer_names_no_timestamps_trains_them_like_one_that_does(tmp_path):
+    """The default config (timestamp_probability 0.2) is not refused, and with every draw timestamped the
+    losses equal those of the same model whose tokenizer names the timestamp tokens: the same label ids."""
+    from conftest import base_config, run_train, train_rows
+    from whisper_ft import tiny
+
+    texts = tiny.texts_from_tsv(CV_EN / "validated.tsv")
+    models = {named: tiny.build(tmp_path / f"model-{named}", texts, multilingual=False, named_timestamps=named)
+              for named in (True, False)}
+    runs = {}
+    for named, p in ((False, None), (False, 1.0), (True, 1.0)):  # None: the config's default
+        out = tmp_path / f"run-{named}-{p}"
+        extra = {} if p is None else {"timestamp_probability": p}
+        proc = run_train(base_config(models[named], out, max_steps=3, save_steps=3, eval_steps=3, **extra), tmp_path)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        runs[named, p] = train_rows(out)
+    assert runs[True, 1.0] == runs[False, 1.0]
+    assert runs[False, 1.0] != runs[False, None]  # the timestamped draws did change what was trained

@@ -206,10 +206,13 @@ class Prepare:
         self.timestamp_probability, self.seed = timestamp_probability, seed
         if timestamp_probability > 0:
             self.no_timestamps = tokenizer.convert_tokens_to_ids("<|notimestamps|>")
-            ends = tokenizer.convert_tokens_to_ids(["<|0.00|>", f"<|{TIMESTAMP_STEPS * TIMESTAMP_SECONDS:.2f}|>"])
-            if tokenizer.unk_token_id in ends or None in ends or self.no_timestamps in (None, tokenizer.unk_token_id):
-                raise DataError("timestamp_probability is above 0 but this tokenizer has no <|notimestamps|> and "
-                                "<|0.00|> ... <|30.00|> tokens; set timestamp_probability: 0")
+            if self.no_timestamps in (None, tokenizer.unk_token_id):
+                raise DataError("timestamp_probability is above 0 but this tokenizer has no <|notimestamps|> token, "
+                                "which Whisper's timestamps are counted from; set timestamp_probability: 0")
+            # Whisper's timestamp ids are the 1501 right after <|notimestamps|>, whether or not the tokenizer names
+            # them <|0.00|> ... <|30.00|> (many exports do not): generate() counts them the same way
+            # (timestamp_begin = no_timestamps_token_id + 1).
+            self.timestamp_begin = self.no_timestamps + 1
 
     def labels(self, text: str) -> list[int] | Bad:
         text = clean_text(text)
@@ -234,7 +237,7 @@ class Prepare:
     def with_timestamps(self, ids: list[int], seconds: float) -> list[int]:
         """[sot, lang, task, notimestamps, text.., eot] -> [sot, lang, task, <|0.00|>, text.., <|T|>, eot]."""
         steps = min(TIMESTAMP_STEPS, math.floor(seconds / TIMESTAMP_SECONDS + 1e-6))  # down: T <= the clip's end
-        start, end = self.tokenizer.convert_tokens_to_ids(["<|0.00|>", f"<|{steps * TIMESTAMP_SECONDS:.2f}|>"])
+        start, end = self.timestamp_begin, self.timestamp_begin + steps
         k = ids.index(self.no_timestamps)
         return ids[:k] + [start] + ids[k + 1 : -1] + [end, ids[-1]]
 

@@ -35,12 +35,14 @@ def special_tokens(multilingual: bool = True) -> list[str]:
 
 
 def build_tokenizer(texts: list[str], vocab_size: int = 600, multilingual: bool = True,
-                    total_size: int | None = None) -> WhisperTokenizer:
+                    total_size: int | None = None, named_timestamps: bool = True) -> WhisperTokenizer:
     """A byte-level BPE trained on texts, then Whisper's special and timestamp tokens after it.
 
-    total_size: make len(tokenizer) exactly this (51865 for multilingual Whisper, 51866 for large-v3) by
-    filling the BPE vocabulary with words that no merge produces, so a model built on it has the real
-    embedding and output-projection sizes (what benchmarks need) while the BPE stays small.
+    named_timestamps=False leaves out the <|0.00|> ... <|30.00|> tokens, as many exports and community
+    fine-tunes do: the timestamp ids then exist only in the model (see build), right after <|notimestamps|>.
+    total_size: make the vocabulary, timestamps included, exactly this (51865 for multilingual Whisper, 51866
+    for large-v3) by filling the BPE vocabulary with words that no merge produces, so a model built on it has
+    the real embedding and output-projection sizes (what benchmarks need) while the BPE stays small.
     """
     bpe = Tokenizer(models.BPE())
     bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -67,7 +69,8 @@ def build_tokenizer(texts: list[str], vocab_size: int = 600, multilingual: bool 
     del state
     tok = WhisperTokenizer(vocab=vocab, merges=merges, pad_token="<|endoftext|>")
     tok.add_special_tokens({"additional_special_tokens": special_tokens(multilingual)})
-    tok.add_tokens([f"<|{i * 0.02:.2f}|>" for i in range(N_TIMESTAMPS)])
+    if named_timestamps:
+        tok.add_tokens([f"<|{i * 0.02:.2f}|>" for i in range(N_TIMESTAMPS)])
     return tok
 
 
@@ -78,7 +81,8 @@ def _merges_of(bpe: Tokenizer) -> list:
 
 def build(out_dir: str | Path, texts: list[str], d_model: int = 64, layers: int = 2, seed: int = 0,
           multilingual: bool = True, init_std: float = 0.2, *, decoder_layers: int | None = None, heads: int = 4,
-          ffn_dim: int | None = None, num_mel_bins: int = 80, vocab_size: int | None = None) -> Path:
+          ffn_dim: int | None = None, num_mel_bins: int = 80, vocab_size: int | None = None,
+          named_timestamps: bool = True) -> Path:
     """Write a complete tiny Whisper checkpoint (model, processor, generation config) to out_dir.
 
     The keyword-only arguments give any Whisper shape (bench/bench_gpu.py builds tiny ... large-v3 with
@@ -88,6 +92,9 @@ def build(out_dir: str | Path, texts: list[str], d_model: int = 64, layers: int 
     <|yue|> last, so every token after the languages is one further than in the 99-language v1/v2
     checkpoints: vocab 51866, not 51865) are what transformers' language list gives every model here.
 
+    named_timestamps=False: a tokenizer without <|0.00|> ... <|30.00|> (see build_tokenizer); the model's
+    vocabulary still holds their ids, as in such exports of real checkpoints.
+
     init_std 0.2, not Whisper's 0.02: at width 64 the small init leaves cross-attention near uniform
     over 1500 mostly silent frames, and the model learns the transcripts' language model long before
     it learns to read the audio (WER stuck near 80% after 300 steps; with 0.2 it is 0% after 100).
@@ -95,11 +102,11 @@ def build(out_dir: str | Path, texts: list[str], d_model: int = 64, layers: int 
     import torch
 
     out_dir = Path(out_dir)
-    tok = build_tokenizer(texts, multilingual=multilingual, total_size=vocab_size)
+    tok = build_tokenizer(texts, multilingual=multilingual, total_size=vocab_size, named_timestamps=named_timestamps)
     ids = {t: tok.convert_tokens_to_ids(t) for t in special_tokens(multilingual)}
     eot, sot = ids["<|endoftext|>"], ids["<|startoftranscript|>"]
     config = WhisperConfig(
-        vocab_size=len(tok), num_mel_bins=num_mel_bins, d_model=d_model,
+        vocab_size=len(tok) + (0 if named_timestamps else N_TIMESTAMPS), num_mel_bins=num_mel_bins, d_model=d_model,
         encoder_layers=layers, decoder_layers=layers if decoder_layers is None else decoder_layers,
         encoder_attention_heads=heads, decoder_attention_heads=heads,
         encoder_ffn_dim=ffn_dim or 4 * d_model, decoder_ffn_dim=ffn_dim or 4 * d_model,
