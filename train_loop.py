@@ -136,7 +136,7 @@ def setup(run: Run) -> None:
     """Model, data and optimizer, prepared for the processes."""
     from accelerate.utils import set_seed
 
-    from whisper_ft import batches, device, sharding, speed, trainable
+    from whisper_ft import batches, compat, device, sharding, speed, trainable
     from whisper_ft.data import Prepare
     from whisper_ft.languages import resolve
     from whisper_ft.model import load_whisper
@@ -177,7 +177,7 @@ def setup(run: Run) -> None:
     run.count_group = batches.count_group(accelerator)
     run.forward = speed.CompiledForward(run.model, run.compile_on, lambda m: say(m, to_bar=True))
     config = accelerator.unwrap_model(run.model).config
-    attention = config._attn_implementation
+    attention = compat.attention_implementation(config)
     kernel = speed.sdpa_kernel(config, accelerator.device, accelerator.mixed_precision) if attention == "sdpa" else None
     say(f"attention {attention}{f' ({kernel} kernel)' if kernel else ''}, "
         f"torch_compile {'on' if run.compile_on else 'off'}, gradient checkpointing {cfg.gradient_checkpointing}")

@@ -53,7 +53,9 @@ class Greedy:
         gen = model.generation_config
         plain = set(generate_kwargs) <= {"max_length", "force_unique_generate_call", "language", "task",
                                          "cache_implementation"}
-        return (plain and gen.num_beams in (None, 1) and not gen.do_sample and gen.decoder_start_token_id is not None
+        from whisper_ft.compat import static_cache_classes
+
+        return (plain and static_cache_classes() is not None and gen.num_beams in (None, 1) and not gen.do_sample and gen.decoder_start_token_id is not None
                 and not getattr(gen, "return_timestamps", False) and getattr(gen, "no_speech_threshold", None) is None)
 
     def _logits(self, tokens, encoder_states, cache, positions):
@@ -64,8 +66,9 @@ class Greedy:
     def _cache(self, batch: int, frames: int):
         """An empty static cache for this batch size, the same one every time: a CUDA graph records the
         addresses of the cache it ran on, and a new cache per batch would record the graph again."""
-        from transformers.cache_utils import EncoderDecoderCache, StaticCache
+        from whisper_ft.compat import static_cache_classes
 
+        EncoderDecoderCache, StaticCache = static_cache_classes()
         if (batch, frames) in self.caches:
             self.caches[batch, frames].reset()
         else:

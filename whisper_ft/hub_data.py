@@ -68,7 +68,9 @@ def lazy_records(ds, audio_col: str, text_col: str) -> list[Record]:
         import pyarrow.compute as pc
 
         column = ds.data.column(audio_col)
-        if ds._indices is None:
+        from whisper_ft.compat import dataset_rows_in_table_order
+
+        if dataset_rows_in_table_order(ds):
             paths = (pc.struct_field(column, "path") if hasattr(column.type, "get_field_index") else column).to_pylist()
     except Exception:  # an unusual layout: the ids name rows only
         pass

@@ -42,12 +42,9 @@ def sdpa_choice(q, k, v) -> str | None:
     """The backend scaled_dot_product_attention picks for these inputs with none forced ("FLASH_ATTENTION",
     "EFFICIENT_ATTENTION", "CUDNN_ATTENTION", "MATH"). None if torch no longer says: _fused_sdp_choice is private.
     """
-    from torch.nn.attention import SDPBackend
+    from whisper_ft.compat import sdpa_backend_choice
 
-    try:
-        return SDPBackend(torch._fused_sdp_choice(q, k, v)).name
-    except Exception:  # noqa: BLE001 - callers only lose a detail of what they report
-        return None
+    return sdpa_backend_choice(q, k, v)
 
 
 def sdpa_kernel(model_config, device, mixed_precision: str) -> str | None:
@@ -125,8 +122,10 @@ class CompiledForward:
             # counted around this call only: evaluation's decoder step (whisper_ft.greedy) compiles its own graphs
             before = _graphs()
             out = self.compiled(**inputs)
-            self.graphs = (_graphs() - before, 0) if self.graphs is None else \
-                (self.graphs[0], self.graphs[1] + _graphs() - before)
+            after = _graphs()
+            if before is not None and after is not None:  # unknown counts are left out, not reported as 0
+                self.graphs = (after - before, 0) if self.graphs is None else \
+                    (self.graphs[0], self.graphs[1] + after - before)
             return out
         except torch.OutOfMemoryError:
             raise
@@ -144,10 +143,10 @@ class CompiledForward:
         return {"compiled_graphs": sum(self.graphs), "recompiled_graphs": self.graphs[1]}
 
 
-def _graphs() -> int:
-    from torch._dynamo.utils import counters
+def _graphs() -> int | None:
+    from whisper_ft.compat import compiled_graph_count
 
-    return int(counters["stats"].get("unique_graphs", 0))
+    return compiled_graph_count()
 
 
 def generation_speedups(compile_on: bool) -> dict[str, Any]:

@@ -119,7 +119,9 @@ def skips_on_device(optimizer, accelerator) -> bool:
     decide on the host.
     """
     wrapped = getattr(optimizer, "optimizer", optimizer)  # accelerate's AcceleratedOptimizer wraps ours
-    return (bool(getattr(wrapped, "_step_supports_amp_scaling", False))
+    from whisper_ft.compat import optimizer_skips_nonfinite_on_device
+
+    return (optimizer_skips_nonfinite_on_device(wrapped)
             and accelerator.distributed_type.name not in ("FSDP", "DEEPSPEED"))
 
 
