@@ -86,7 +86,7 @@ def estimate(cfg, train_samples: int, train_hours: float) -> dict:
                  f"{row[5]} samples/s, {row[6]} GiB peak ({SOURCE})",
         "same_settings_as_measured": exact,
         "samples_per_second": round(speed, 1),
-        "minutes_per_epoch": round(train_samples / speed / 60, 2),
+        "minutes_per_epoch": float(f"{train_samples / speed / 60:.3g}"),
         "minutes_for_max_steps": round(cfg.max_steps * per_step / speed / 60, 1),
         "peak_gib": row[6] if exact else None,  # memory follows batch, precision and checkpointing closely
         "card": "H100-class (H200 measured)",
@@ -102,6 +102,6 @@ def sentence(cost: dict) -> str:
         return f"{head}: {cost['steps_per_epoch_one_gpu']} steps per epoch on one GPU; {cost.get('note', '')}"
     fits = f", fits in about {e['peak_gib']} GiB" if e["peak_gib"] else ", memory not measured for these settings"
     return (f"{head}: {cost['steps_per_epoch_one_gpu']} steps per epoch on one GPU, about "
-            f"{e['minutes_per_epoch']:.2g} minutes per epoch and {e['minutes_for_max_steps']:.0f} minutes for "
+            f"{e['minutes_per_epoch']:g} minutes per epoch and {e['minutes_for_max_steps']:.0f} minutes for "
             f"max_steps on an H100-class card{fits} (estimate from {SOURCE.split(',')[0]}"
             f"{'' if e['same_settings_as_measured'] else ', scaled from the nearest measured setting'})")
