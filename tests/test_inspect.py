@@ -20,6 +20,7 @@ SWAPS = [("common_voice_en_000002.mp3", "common_voice_en_000005.mp3"),
 SILENT = "silent_000007.wav"
 EIGHT_K = "common_voice_en_000004_8k.wav"
 COPY = "common_voice_en_000003_copy.mp3"
+NEAR = "common_voice_en_000011_copy.wav"  # the same clip decoded and stored again: other bytes, same sound
 DIGITS, WORDS = "common_voice_en_000012.mp3", "common_voice_en_000020.mp3"
 OVERLAP = "common_voice_en_000006.mp3"  # a training clip also listed in dev
 
@@ -53,6 +54,10 @@ def plant_faults(tmp: Path) -> Path:
     shutil.copyfile(cv / "clips" / "common_voice_en_000003.mp3", cv / "clips" / COPY)
     rows.append([*by_path["common_voice_en_000003.mp3"]])
     rows[-1][path] = COPY
+    audio, _ = sf.read(cv / "clips" / "common_voice_en_000011.mp3", dtype="float32")
+    sf.write(cv / "clips" / NEAR, audio, 16_000, subtype="PCM_16")
+    rows.append([*by_path["common_voice_en_000011.mp3"]])
+    rows[-1][path] = NEAR
     _write(cv / "train.tsv", header, rows)
     dev_header, dev = _read(cv / "dev.tsv")
     _write(cv / "dev.tsv", dev_header, dev + [by_path[OVERLAP]])
@@ -83,6 +88,7 @@ def test_each_planted_fault_is_named_under_its_reason(tiny_model_en, tmp_path):
     assert flagged(report, "near-silent audio") == {f"train/{SILENT}"}
     assert flagged(report, "low sample rate") == {f"train/{EIGHT_K}"}
     assert flagged(report, "duplicate") == {f"train/{COPY}"}
+    assert flagged(report, "near duplicate") == {f"train/{NEAR}"}
     assert flagged(report, "digits/words mix") == {f"train/{DIGITS}", f"train/{WORDS}"}
     assert flagged(report, "train/eval overlap (audio)") == {f"eval/{OVERLAP}"}
     # every dev sentence is a training sentence too (one sentence list, several voices): reported, not listed
@@ -91,9 +97,10 @@ def test_each_planted_fault_is_named_under_its_reason(tiny_model_en, tmp_path):
     assert ("eval", "common_voice_en_000025.mp3") not in listed
     assert ("train", SILENT) in listed and ("eval", OVERLAP) in listed
     train = report["splits"]["train"]
-    assert (train["samples"], train["skipped"]) == (26, 0)
-    assert train["sample_rates"] == {"16000": 25, "8000": 1}
-    assert report["cost"]["steps_per_epoch_one_gpu"] == 1  # 26 samples, batch 32
+    assert (train["samples"], train["skipped"]) == (27, 0)
+    assert train["sample_rates"] == {"16000": 26, "8000": 1}
+    assert sum(train["duration_histogram"].values()) == 27 and train["duration_histogram"]["1-2 s"] == 27
+    assert report["cost"]["steps_per_epoch_one_gpu"] == 1  # 27 samples, batch 32
     for name in ("durations.png", "speaking_rate.png"):
         assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
         assert f"]({name})" in (out / "report.md").read_text(encoding="utf-8")

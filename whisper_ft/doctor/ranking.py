@@ -18,7 +18,7 @@ LOSS_MADS = 5.0  # or the per-token loss lies this many (scaled) median absolute
 # Lower = worse; reasons not named here (the loop's skip reasons, "skipped: ...") rank with the first group.
 SEVERITY = {
     "near-silent audio": 0, "same audio, different transcript": 0, "train/eval overlap (audio)": 0,
-    MISMATCH: 1, "little speech": 1, "duplicate": 1, "low sample rate": 1, "speaking rate outlier": 1,
+    MISMATCH: 1, "little speech": 1, "duplicate": 1, "near duplicate": 1, "low sample rate": 1, "speaking rate outlier": 1,
     "clipped audio": 2, "foreign script": 2, "digits/words mix": 2, "train/eval overlap (text)": 3,
 }
 AUDIO_FAULTS = {"near-silent audio", "little speech"}

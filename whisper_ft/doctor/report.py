@@ -20,6 +20,16 @@ def _stats(values: list[float]) -> dict | None:
             "p95": round(values[min(len(values) - 1, int(0.95 * len(values)))], 2), "max": round(values[-1], 2)}
 
 
+DURATION_BINS = (0, 1, 2, 5, 10, 20, 30)
+
+
+def _histogram(seconds: list[float]) -> dict:
+    """'0-1 s': n, ..., '20-30 s': n (usable samples are 30 s at most)."""
+    edges = list(DURATION_BINS) + [float("inf")]
+    return {f"{a}-{b} s" if b != float("inf") else f"over {a} s": sum(a <= v < b for v in seconds)
+            for a, b in zip(edges, edges[1:]) if b != float("inf") or any(v >= a for v in seconds)}
+
+
 def split_summary(samples: list[dict]) -> dict:
     """Counts and shape of one split."""
     usable = [x for x in samples if not x["skipped"]]
@@ -27,8 +37,10 @@ def split_summary(samples: list[dict]) -> dict:
     return {
         "samples": len(samples), "usable": len(usable), "skipped": sum(skipped.values()),
         "skipped_by_reason": dict(skipped.most_common()),
+        "skipped_share": round(sum(skipped.values()) / len(samples), 4) if samples else None,
         "hours": round(sum(x["seconds"] for x in usable) / 3600, 4),
         "seconds": _stats([x["seconds"] for x in usable]),
+        "duration_histogram": _histogram([x["seconds"] for x in usable]),
         "sample_rates": dict(Counter(str(x["sample_rate"]) for x in usable if x.get("sample_rate")).most_common()),
         "channels": dict(Counter(str(x["channels"]) for x in usable if x.get("channels")).most_common()),
         "characters": _stats([x["chars"] for x in usable]),

@@ -104,16 +104,28 @@ def split_words(samples: list[dict], tokenizer, top: int = 20) -> list[dict]:
     return sorted(merged.values(), key=lambda w: (-w["count"], -w["pieces"]))[:top]
 
 
+NEAR_SECONDS, NEAR_DB = 0.03, 1.0  # a near duplicate: the same words, as long and as loud (a re-encoded copy)
+
+
 def duplicate_findings(samples: list[dict]) -> dict:
-    """Within a split: the same audio with the same transcript (a duplicate), or with another transcript."""
+    """Within a split: the same audio with the same transcript (a duplicate), or with another transcript; and
+    near duplicates: other audio with the same words (normalised) of the same length and level, within
+    NEAR_SECONDS and NEAR_DB (a copy re-encoded or resampled; two speakers never match that closely)."""
     found: dict = {}
     first: dict = {}
+    said: dict = defaultdict(list)
     for x in samples:
         if not x.get("audio_hash"):
             continue
         key = (x["split"], x["audio_hash"])
         if key not in first:
             first[key] = x
+            twin = next((y for y in said[(x["split"], normalize(x["text"]))] if x.get("seconds") and y.get("seconds")
+                         and abs(x["seconds"] - y["seconds"]) <= NEAR_SECONDS and "rms_dbfs" in x and "rms_dbfs" in y
+                         and abs(x["rms_dbfs"] - y["rms_dbfs"]) <= NEAR_DB), None)
+            if twin is not None:
+                found.setdefault(x["key"], []).append(("near duplicate", f"same words, length and level as {twin['id']}"))
+            said[(x["split"], normalize(x["text"]))].append(x)
             continue
         earlier = first[key]
         if " ".join(earlier["text"].split()) == " ".join(x["text"].split()):
