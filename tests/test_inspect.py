@@ -152,6 +152,19 @@ def test_exit_2_when_load_data_refuses(tiny_model_en, tmp_path):
     assert report["splits"]["train"]["skipped_by_reason"] == {"empty transcript": 25}
 
 
+def test_a_wrong_config_exits_2_and_a_model_that_will_not_load_exits_1(tmp_path, capsys):
+    from whisper_ft.cli.inspect import main
+
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump({"lang": "en", "dataset_name": str(CV_EN)}), encoding="utf-8")
+    assert main(["--config", str(path), "--no-such-option"]) == 2
+    assert "unknown option --no-such-option" in capsys.readouterr().err
+    assert main(["--config", str(path), "--with-model", str(tmp_path / "nothing")]) == 1
+    err = capsys.readouterr().err
+    assert "could not load Whisper" in err and "Traceback" not in err
+    assert not (tmp_path / "report").exists()
+
+
 # ---------------------------------------------------------------------------------------------
 # The pieces
 

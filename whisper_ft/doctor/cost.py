@@ -63,7 +63,7 @@ def estimate(cfg, train_samples: int, train_hours: float) -> dict:
     out = {"train_samples": train_samples, "train_hours": round(train_hours, 3),
            "samples_per_step_per_gpu": per_step, "steps_per_epoch_one_gpu": steps,
            "epochs_in_max_steps": round(cfg.max_steps / steps, 2) if steps else None,
-           "model": cfg.model_name, "mode": mode_of(cfg), "precision": precision,
+           "model": f"whisper-{size_of(cfg)}" if size_of(cfg) else cfg.model_name, "mode": mode_of(cfg), "precision": precision,
            "batch": cfg.per_device_train_batch_size, "gradient_checkpointing": cfg.gradient_checkpointing,
            "estimate": None}
     size = size_of(cfg)
