@@ -22,8 +22,6 @@ from whisper_ft.evaluation import error_rates, normalize
 
 def score(model, processor, splits: dict[str, list], cfg, say=None) -> tuple[dict, dict]:
     """({(split, id): {"model_output", "wer", "cer", "loss"}}, {split: the model's WER/CER on its usable samples})."""
-    import dataclasses
-
     from whisper_ft import batches, greedy
     from whisper_ft.data import Prepare
     from whisper_ft.model import generate_kwargs
@@ -37,12 +35,11 @@ def score(model, processor, splits: dict[str, list], cfg, say=None) -> tuple[dic
     tokenizer = processor.tokenizer
     decode = greedy.Decoding(model, tokenizer, generate_kwargs(model, cfg.generation_max_length))
     shift_right = decoder_inputs(model.config)
-    view = dataclasses.replace(cfg, dataloader_num_workers=min(cfg.dataloader_num_workers, 2))
     total = sum(len(r) for r in splits.values())
     scores, per_split, done, start, shown = {}, {}, 0, time.perf_counter(), 0.0
     for split, records in splits.items():
         rows = []
-        loader = batches.eval_loader(records, prepare, Collator(model.config.decoder_start_token_id), view, 0, 1)
+        loader = batches.eval_loader(records, prepare, Collator(model.config.decoder_start_token_id), cfg, 0, 1)
         for batch in loader:
             done += len(batch["ids"]) + len(batch["bad"])
             if batch["ids"]:
