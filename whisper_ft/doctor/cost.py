@@ -101,7 +101,7 @@ def sentence(cost: dict) -> str:
     if not e:
         return f"{head}: {cost['steps_per_epoch_one_gpu']} steps per epoch on one GPU; {cost.get('note', '')}"
     fits = f", fits in about {e['peak_gib']} GiB" if e["peak_gib"] else ", memory not measured for these settings"
-    return (f"{head}: {cost['steps_per_epoch_one_gpu']} optimizer steps per epoch on one GPU, about "
+    return (f"{head}: {cost['steps_per_epoch_one_gpu']} optimizer steps per epoch on one GPU, "
             f"{_time(e['minutes_per_epoch'])} per epoch and {_time(e['minutes_for_max_steps'])} for "
             f"max_steps on an H100-class card{fits} (estimate from {SOURCE.split(',')[0]}"
             f"{'' if e['same_settings_as_measured'] else ', scaled from the nearest measured setting'})")
@@ -111,5 +111,5 @@ def _time(minutes: float) -> str:
     if minutes < 1 / 60:
         return "under 1 s"
     if minutes < 1:
-        return f"{minutes * 60:.0f} s"
-    return f"{minutes:.0f} minutes" if minutes < 120 else f"{minutes / 60:.1f} hours"
+        return f"about {minutes * 60:.0f} s"
+    return f"about {minutes:.0f} minutes" if minutes < 120 else f"about {minutes / 60:.1f} hours"

@@ -69,6 +69,11 @@ def add_model_findings(samples: list[dict], scores: dict) -> dict:
     return {"mismatch_cer": MISMATCH_CER, "loss_median": round(median, 4), "loss_limit": round(loss_limit, 4)}
 
 
+def worst_first(reasons: list[tuple[str, str]]) -> list[tuple[str, str]]:
+    """A sample's reasons, the one that put it where it is in the list first."""
+    return sorted(reasons, key=lambda r: (r[0] != MISMATCH, severity(r[0])))
+
+
 def suspicious(samples: list[dict]) -> list[dict]:
     """Samples with findings, most suspicious first (see the module's docstring)."""
     def first_group(x):

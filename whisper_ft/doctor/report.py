@@ -7,7 +7,7 @@ import statistics
 from collections import Counter
 from pathlib import Path
 
-from whisper_ft.doctor.survey import SKIPPED
+from whisper_ft.doctor.ranking import worst_first
 
 MD_SAMPLES = 50  # suspicious samples listed in report.md (report.json lists them all)
 
@@ -64,7 +64,7 @@ def findings(samples: list[dict]) -> dict:
 def sample_entry(x: dict) -> dict:
     return {"id": x["id"], "split": x["split"], "audio": x["audio"], "transcript": x["text"],
             "model_output": x.get("model_output"),
-            "reasons": [{"reason": r, "detail": d} for r, d in x["reasons"]],
+            "reasons": [{"reason": r, "detail": d} for r, d in worst_first(x["reasons"])],
             "scores": x.get("scores"), "seconds": x.get("seconds")}
 
 
