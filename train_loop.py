@@ -49,8 +49,14 @@ def main(argv: list[str] | None = None) -> int:
     from whisper_ft.checkpoint import CheckpointError
     from whisper_ft.data import DataError
     from whisper_ft.model import ModelError
+    from whisper_ft.outputs import check_training_output
     from whisper_ft.stopping import RunStopped
 
+    try:  # a folder that is not ours, or holds an input, is refused before anything loads or is written
+        check_training_output(cfg, argv)
+    except CheckpointError as e:
+        print(f"whisper-ft: {e}", file=sys.stderr)
+        return Exit.CONFIG
     try:
         return train(cfg, on_cpu)
     except (DataError, ModelError, CheckpointError) as e:
@@ -185,14 +191,14 @@ def setup(run: Run) -> None:
 
 def resume(run: Run) -> bool:
     """The run state: the newest readable checkpoint's, or a fresh one. True when the run is already finished."""
-    from whisper_ft import checkpoint
+    from whisper_ft import checkpoint, outputs
     from whisper_ft.state import RunState, resume_state
 
     cfg, accelerator, out, say = run.cfg, run.accelerator, run.out, run.say
     # Files in checkpoint_dir are written once, by the main process; with several machines it must be
     # one shared folder, which every process checks before reading a checkpoint from it.
     if accelerator.is_main_process:
-        out.mkdir(parents=True, exist_ok=True)
+        outputs.claim(out)  # the folder and the marker that makes it recognisably a run of this tool
     accelerator.wait_for_everyone()
     checkpoint.check_shared(accelerator, out)
     run.state = RunState.fresh(cfg)
@@ -205,10 +211,18 @@ def resume(run: Run) -> bool:
             say(f"this run is finished: {run.resumed_from.name} is at max_steps {cfg.max_steps} and the final model "
                 f"is in {out}; nothing to do. Raise max_steps to train on, or set a new checkpoint_name for a new run.")
             return True
+        if cfg.stop_at_step and cfg.stop_at_step <= run.state.step < cfg.max_steps:  # a time-limited job rerun
+            say(f"stop_at_step {cfg.stop_at_step} was already reached: {run.resumed_from.name} is at step "
+                f"{run.state.step}; nothing to do. Raise stop_at_step or remove it to train on.")
+            return True
         say(f"resumed from {run.resumed_from} at step {run.state.step}")
     if accelerator.is_main_process:
         checkpoint.check_disk(out, run.n_params, cfg.save_total_limit, say, trained=run.n_trained)
-        (out / "config.yaml").write_text(dump_yaml(cfg), encoding="utf-8")
+        try:
+            (out / "config.yaml").write_text(dump_yaml(cfg), encoding="utf-8")
+        except OSError as e:
+            raise checkpoint.CheckpointError(f"cannot write {out / 'config.yaml'}: {e.strerror or e}; "
+                                             f"{outputs.free_space(out)}") from None
     accelerator.wait_for_everyone()
     return False
 

@@ -20,6 +20,9 @@ from typing import Any
 STATE_FILE = "trainer_state.json"
 COMPLETE = "COMPLETE"  # written last: a folder without it is a save that was interrupted
 NAME = re.compile(r"^checkpoint-(\d+)$")
+# Checkpoints found but not trusted (incomplete, an inconsistent state, a file that does not read or load): named
+# when skipped, then never pruned or saved over by this process, so what the user may want to inspect stays.
+_untrusted: set[Path] = set()
 
 
 class CheckpointError(Exception):
@@ -50,7 +53,7 @@ def save(accelerator, root: Path, step: int, state: dict[str, Any], process_stat
     """
     final, tmp = root / f"checkpoint-{step}", root / f"checkpoint-{step}.tmp"
     if accelerator.is_main_process and tmp.exists():
-        shutil.rmtree(tmp)
+        shutil.rmtree(tmp, ignore_errors=True)
     accelerator.wait_for_everyone()
     try:
         with _quiet("accelerate.utils.other"):  # its "Removed shared tensor proj_out.weight" note is expected:
@@ -63,15 +66,23 @@ def save(accelerator, root: Path, step: int, state: dict[str, Any], process_stat
         accelerator.wait_for_everyone()
         if accelerator.is_main_process:
             _write_synced(tmp / COMPLETE, str(step))
-            if final.exists():  # the same step saved again (e.g. a stop right after a scheduled save)
-                shutil.rmtree(final)
+            if final.exists():
+                if final.resolve() in _untrusted:  # skipped at the resume: kept for the user, under another name
+                    aside = _free_name(root, f"checkpoint-{step}.skipped")
+                    os.replace(final, aside)
+                else:  # the same step saved again by this run (e.g. a stop right after a scheduled save)
+                    shutil.rmtree(final)
             os.replace(tmp, final)
             _fsync_dir(root)
-    except OSError as e:
+    # torch.save reports a full disk as RuntimeError ("file write failed"), safetensors as its own error type
+    except Exception as e:  # noqa: BLE001 - whatever the writer raised, the partial save must go
         if accelerator.is_main_process:
             shutil.rmtree(tmp, ignore_errors=True)
-        raise CheckpointError(f"saving checkpoint-{step} failed ({e}); the partial folder was removed and "
-                              "earlier checkpoints are intact") from e
+        from whisper_ft.outputs import free_space
+        reason = (str(e).splitlines() or [type(e).__name__])[0][:300]
+        raise CheckpointError(f"saving {final} failed ({type(e).__name__}: {reason}); {free_space(root)}. The "
+                              "partial folder was removed and earlier checkpoints are intact; free some space (or "
+                              "fix the folder) and rerun the same command to resume") from None
     accelerator.wait_for_everyone()
     return final
 
@@ -87,7 +98,8 @@ def prune(root: Path, limit: int, keep: set[Path]) -> list[Path]:
     if limit <= 0:
         return []
     keep = {p.resolve() for p in keep if p}
-    removed = [p for p in list_checkpoints(root)[limit:] if p.resolve() not in keep]
+    trusted = [p for p in list_checkpoints(root) if p.resolve() not in _untrusted]
+    removed = [p for p in trusted[limit:] if p.resolve() not in keep]
     for path in removed:
         shutil.rmtree(path)
     for tmp in root.glob("checkpoint-*.tmp"):  # leftovers of saves killed mid-way
@@ -101,17 +113,23 @@ def export_model(unwrapped_model, processor, out_dir: Path, state_dict: dict | N
     state_dict is the whole model gathered by accelerator.get_state_dict (FSDP and ZeRO-3 shard the
     weights, so the unwrapped model's own parameters are only this process's pieces).
     """
-    out_dir.mkdir(parents=True, exist_ok=True)
     config = unwrapped_model.config
     training_value, config.use_cache = config.use_cache, True  # off only for training; users generate with it
     try:
+        out_dir.mkdir(parents=True, exist_ok=True)
         unwrapped_model.save_pretrained(out_dir, safe_serialization=True, state_dict=state_dict)
+        processor.save_pretrained(out_dir)
+        # transformers 5 keeps the feature extractor's settings inside processor_config.json; older transformers,
+        # faster-whisper's converter and other tools read preprocessor_config.json. Write both.
+        processor.feature_extractor.save_pretrained(out_dir)
+    except Exception as e:  # noqa: BLE001 - a full disk is an OSError, a RuntimeError or safetensors' own error
+        from whisper_ft.outputs import free_space
+        reason = (str(e).splitlines() or [type(e).__name__])[0][:300]
+        raise CheckpointError(f"writing the final model to {out_dir} failed ({type(e).__name__}: {reason}); "
+                              f"{free_space(out_dir)}. The checkpoints are intact: free some space and rerun the "
+                              "same command to export again") from None
     finally:
         config.use_cache = training_value
-    processor.save_pretrained(out_dir)
-    # transformers 5 keeps the feature extractor's settings inside processor_config.json; older transformers,
-    # faster-whisper's converter and other tools read preprocessor_config.json. Write both.
-    processor.feature_extractor.save_pretrained(out_dir)
 
 
 def check_shared(accelerator, root: Path, wait_s: float = 10.0) -> None:
@@ -192,6 +210,19 @@ def _fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
+def _free_name(root: Path, name: str) -> Path:
+    path, n = root / name, 1
+    while path.exists():
+        n += 1
+        path = root / f"{name}-{n}"
+    return path
+
+
+def _skip(path: Path, say, why: str) -> None:
+    _untrusted.add(path.resolve())
+    say(f"skipping {path.name}: {why}; it is kept as it is (never pruned or saved over by this run)")
+
+
 def find_resumable(root: Path, say, skip: set[Path] = frozenset()) -> Path | None:
     """The newest checkpoint that is complete and readable; unreadable ones are reported and skipped.
 
@@ -204,16 +235,21 @@ def find_resumable(root: Path, say, skip: set[Path] = frozenset()) -> Path | Non
         if path in skip:
             continue
         if not (path / COMPLETE).is_file():
-            say(f"skipping {path.name}: incomplete (its save was interrupted)")
+            _skip(path, say, "incomplete (its save was interrupted)")
             continue
         try:
-            read_state(path)
+            saved = read_state(path)
         except (OSError, ValueError, KeyError) as e:
-            say(f"skipping {path.name}: unreadable ({STATE_FILE}: {e})")
+            _skip(path, say, f"unreadable ({STATE_FILE}: {e})")
+            continue
+        from whisper_ft.state import state_problem
+        problem = state_problem(saved, step_of(path))
+        if problem:
+            _skip(path, say, f"its {STATE_FILE} cannot be trusted (it {problem})")
             continue
         problem = unreadable_file(path)
         if problem:
-            say(f"skipping {path.name}: unreadable ({problem})")
+            _skip(path, say, f"unreadable ({problem})")
             continue
         return path
     if candidates:
@@ -281,22 +317,42 @@ def resume(accelerator, root: Path, say, accept=lambda state: state) -> tuple[Pa
             accelerator.load_state(str(path))
             return path, state
         except Exception as e:  # safetensors, torch and pickle raise many types for a damaged file
-            say(f"skipping {path.name}: could not be loaded ({type(e).__name__}: {str(e).splitlines()[0][:200]})")
+            _skip(path, say, f"could not be loaded ({type(e).__name__}: {(str(e).splitlines() or [''])[0][:200]})")
             failed.add(path)
 
 
-def check_disk(root: Path, n_params: int, save_total_limit: int, say, trained: int | None = None) -> None:
-    """Warn before training when the disk cannot hold the checkpoints the run will keep.
+def checkpoint_bytes(n_params: int, trained: int | None = None) -> int:
+    """A checkpoint's size: fp32 weights of what it holds (the trained weights with LoRA or a frozen encoder, whose
+    checkpoints skip the frozen base) and AdamW's two fp32 moments of the trained weights."""
+    trained = n_params if trained is None else trained
+    held = trained if trained < n_params else n_params
+    return held * 4 + trained * 4 * 2
+
+
+def check_disk(root: Path, n_params: int, save_total_limit: int, say, trained: int | None = None,
+               free: int | None = None) -> None:
+    """Before training: refuse when one checkpoint plus the final model cannot fit on the disk (CheckpointError),
+    warn when the checkpoints the run keeps cannot.
 
     `trained` weights (default all) are what a checkpoint holds: with LoRA or a frozen encoder only those.
     """
-    per_checkpoint = (n_params if trained is None else trained) * 4 * 3  # fp32 weights + AdamW's two moments
-    need = per_checkpoint * ((save_total_limit or 5) + 1) + n_params * 4  # + one being written, + the export
+    from whisper_ft.outputs import human_bytes
+
+    per_checkpoint = checkpoint_bytes(n_params, trained)
+    final = n_params * 4  # the exported fp32 model
     existing = root
     while not existing.exists():
         existing = existing.parent
-    free = shutil.disk_usage(existing).free
+    free = shutil.disk_usage(existing).free if free is None else free
+    keep = save_total_limit or 5
+    if free < per_checkpoint + final:
+        raise CheckpointError(f"{human_bytes(free)} free under {existing}, but one checkpoint "
+                              f"({human_bytes(per_checkpoint)}: {n_params:,} weights, AdamW state of "
+                              f"{(trained if trained is not None else n_params):,}) plus the final model "
+                              f"({human_bytes(final)}) need {human_bytes(per_checkpoint + final)}; free some space or "
+                              "choose a checkpoint_dir on a larger disk")
+    need = per_checkpoint * (keep + 1) + final  # + one being written, + the export
     if free < need:
-        say(f"warning: {free / 1e9:.1f} GB free under {existing}, but about {need / 1e9:.1f} GB is needed for "
-            f"{save_total_limit or 'all'} checkpoints of {per_checkpoint / 1e9:.2f} GB plus the final model; "
+        say(f"warning: {human_bytes(free)} free under {existing}, but about {human_bytes(need)} is needed for "
+            f"{save_total_limit or 'all'} checkpoints of {human_bytes(per_checkpoint)} plus the final model; "
             "lower save_total_limit or free some space")

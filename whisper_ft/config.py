@@ -232,6 +232,9 @@ def load_config(argv: list[str] | None = None, env: dict[str, str] | None = None
         from whisper_ft.sharding import launch_problems
         problems += environment_problems(cfg, env)
         problems += launch_problems(cfg, env)  # FSDP/DeepSpeed, as chosen by `accelerate launch`
+        if cfg.learning_rate == 0:  # trains nothing, yet would export a "fine-tuned" model
+            problems.append("learning_rate is 0: the weights would never change; give a positive learning_rate "
+                            "(e.g. 1e-5)")
     if problems:
         raise ConfigError(problems)
     return cfg
@@ -241,15 +244,41 @@ def _read_yaml(path: str) -> tuple[dict[str, Any], list[str]]:
     if not Path(path).is_file():
         return {}, [f"config file {path!r} does not exist"]
     try:
-        data = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
+        text = Path(path).read_text(encoding="utf-8")
+        data = yaml.safe_load(text)
+        twice = _duplicate_keys(text)
     except yaml.YAMLError as e:
         return {}, [f"{path} is not valid YAML: {e}"]
+    if twice:  # YAML would silently keep the last: which one the user meant is theirs to say
+        return {}, [f"{path}: {key} is set twice (lines {a} and {b}); keep one" for key, a, b in twice]
     if data is None:  # an empty file given on purpose is a mistake (wrong file, failed copy), not "all defaults"
         return {}, [f"config file {path} is empty; give settings in it, or leave out --config to use the defaults"]
     if not isinstance(data, dict):
         return {}, [f"{path} must hold a mapping of setting: value, not {type(data).__name__}"]
     problems = [_unknown_key(k, path) for k in data if k not in FIELD_TYPES]
     return {k: v for k, v in data.items() if k in FIELD_TYPES}, problems
+
+
+def _duplicate_keys(text: str) -> list[tuple[str, int, int]]:
+    """(key, first line, repeated line) of every key given twice in one mapping of a YAML text."""
+    found = []
+
+    def walk(node) -> None:
+        if isinstance(node, yaml.MappingNode):
+            seen: dict[Any, int] = {}
+            for key, value in node.value:
+                name = key.value if isinstance(key, yaml.ScalarNode) else None
+                if name is not None and name in seen:
+                    found.append((name, seen[name], key.start_mark.line + 1))
+                elif name is not None:
+                    seen[name] = key.start_mark.line + 1
+                walk(value)
+        elif isinstance(node, yaml.SequenceNode):
+            for item in node.value:
+                walk(item)
+
+    walk(yaml.compose(text, Loader=yaml.SafeLoader))
+    return found
 
 
 def _coerce(key: str, raw: Any) -> Any:

@@ -54,6 +54,36 @@ class RunState:
         return state
 
 
+# What a resume reads from trainer_state.json, and the types it needs: a state without them (`{}`, a list, a
+# string step) would restart at step 0 over the good checkpoints or fail half-way through the resume.
+REQUIRED = {"step": int}
+OPTIONAL = {"best_metric": (int, float, type(None)), "best_step": (int, type(None)), "samples_seen": int,
+            "audio_seconds_seen": (int, float), "nonfinite_in_row": int, "nonfinite_steps": int,
+            "bad": (dict, type(None)), "base_metrics": (dict, type(None)), "pending_eval": bool,
+            "config": dict, "mixture_sha256": (str, type(None))}
+
+
+def state_problem(saved: object, step: int) -> str | None:
+    """Why a checkpoint's trainer_state.json cannot be trusted for a resume at `step` (its folder's), or None."""
+    if not isinstance(saved, dict):
+        return f"holds a JSON {type(saved).__name__}, not a run state"
+    for key, kind in {**REQUIRED, **OPTIONAL}.items():
+        if key not in saved:
+            if key in REQUIRED:
+                return f"has no {key!r}"
+            continue
+        value = saved[key]
+        if isinstance(value, bool) and kind is not bool:  # JSON true is not a step count
+            return f"{key} is {value!r}"
+        if not isinstance(value, kind):
+            return f"{key} is {value!r}, not a {kind.__name__ if isinstance(kind, type) else kind[0].__name__}"
+    if saved["step"] != step:
+        return f"says step {saved['step']}, but the folder is checkpoint-{step}"
+    if saved["step"] < 0:
+        return f"step is {saved['step']}"
+    return None
+
+
 def improves(value: float | None, best: float | None, greater_is_better: bool) -> bool:
     if value is None:
         return False

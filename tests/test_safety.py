@@ -1,0 +1,290 @@
+"""Nothing a user types destroys data: output folders that are not a run are refused, untrusted checkpoints are
+kept, file-system errors are messages, nonsense settings are refused or named. Each subprocess case drives
+train_loop.py or a CLI and checks the exit code, the message and that every file there before is byte-identical."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from conftest import CV_EN, ROOT, base_config, run_train
+from whisper_ft.checkpoint import CheckpointError
+
+HERE = Path(__file__).resolve().parent
+
+
+def checksums(*folders: Path) -> dict[str, str]:
+    """Every file under the folders, by path: its sha256."""
+    out = {}
+    for folder in folders:
+        for p in sorted(Path(folder).rglob("*")):
+            if p.is_file():
+                out[str(p)] = hashlib.sha256(p.read_bytes()).hexdigest()
+    return out
+
+
+def unchanged(before: dict[str, str]) -> None:
+    after = {p: hashlib.sha256(Path(p).read_bytes()).hexdigest() for p in before if Path(p).is_file()}
+    assert after == before, sorted(set(before) - set(after)) or [p for p in before if before[p] != after.get(p)]
+
+
+def no_traceback(proc: subprocess.CompletedProcess) -> None:
+    assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
+
+
+@pytest.fixture
+def model_copy(tiny_model, tmp_path) -> Path:
+    """A copy of the tiny model that a test may point checkpoint_dir at without touching the shared one."""
+    return Path(shutil.copytree(tiny_model, tmp_path / "base-model"))
+
+
+# ---- the output folder: in-process, then through train_loop.py ----
+
+def test_only_empty_folders_and_runs_are_accepted(tmp_path, tiny_model):
+    from whisper_ft.outputs import MARKER, check_output_dir
+
+    check_output_dir(tmp_path / "new", inputs={})  # not there yet
+    (tmp_path / "empty").mkdir()
+    check_output_dir(tmp_path / "empty", inputs={})
+    marked = tmp_path / "marked"
+    marked.mkdir()
+    (marked / MARKER).write_text("x")
+    (marked / "notes.txt").write_text("x")
+    check_output_dir(marked, inputs={})
+    old = tmp_path / "old-run"  # a run of the layout before the marker: its checkpoint is recognised
+    (old / "checkpoint-3").mkdir(parents=True)
+    (old / "checkpoint-3" / "trainer_state.json").write_text("{}")
+    check_output_dir(old, inputs={})
+    with pytest.raises(CheckpointError, match="not empty and is not a whisper-ft run.*model.safetensors"):
+        check_output_dir(tiny_model, inputs={})
+    with pytest.raises(CheckpointError, match="holds the config file"):
+        check_output_dir(tmp_path, inputs={"the config file": marked / "notes.txt"})
+    with pytest.raises(CheckpointError, match="whisper-ft repository"):
+        check_output_dir(ROOT, inputs={}, repository=ROOT)
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(CheckpointError, match="is a file"):
+        check_output_dir(tmp_path / "file" / "run", inputs={})
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("where", ["model", "config folder", "repository", "parent of a file"])
+def test_a_folder_that_is_not_a_run_is_refused_before_anything_is_written(where, model_copy, tmp_path):
+    conf_dir = tmp_path / "my-configs"
+    conf_dir.mkdir()
+    (conf_dir / "notes.md").write_text("my notes\n")
+    out = {"model": model_copy, "config folder": conf_dir, "repository": ROOT,
+           "parent of a file": conf_dir / "notes.md" / "run"}[where]
+    cfg = base_config(model_copy, out)
+    config = conf_dir / "train.yaml"
+    config.write_text("# my commented config\n" + yaml.safe_dump(cfg), encoding="utf-8")
+    watched = [model_copy, conf_dir] + ([] if where != "repository" else [ROOT / "whisper_ft"])
+    before = checksums(*watched)
+    proc = subprocess.run([sys.executable, str(ROOT / "train_loop.py"), "--config", str(config)], cwd=ROOT,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    expected = {"model": "not empty and is not a whisper-ft run", "config folder": "holds the config file",
+                "repository": "not empty and is not a whisper-ft run", "parent of a file": "is a file, not a folder"}
+    assert expected[where] in proc.stderr
+    no_traceback(proc)
+    unchanged(before)
+    assert not (model_copy / ".whisper-ft-run").exists() and not (ROOT / ".whisper-ft-run").exists()
+
+
+@pytest.mark.slow
+def test_a_run_of_the_layout_before_the_marker_still_resumes(tiny_model, tmp_path):
+    out = tmp_path / "run"
+    cfg = base_config(tiny_model, out, max_steps=6, save_steps=3, eval_strategy="no", load_best_model_at_end=False)
+    first = run_train(cfg, tmp_path, "--stop-at-step", "3")
+    assert first.returncode == 0, first.stderr[-2000:]
+    (out / ".whisper-ft-run").unlink()  # what a run started by the released version looks like
+    kept = checksums(out / "checkpoint-3")
+    proc = run_train(cfg, tmp_path)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "resumed from" in proc.stderr and "checkpoint-3" in proc.stderr
+    assert (out / "checkpoint-6").is_dir()
+    unchanged(kept)
+
+
+# ---- checkpoints that cannot be trusted ----
+
+@pytest.mark.parametrize("saved, why", [({}, "no 'step'"), ([1, 2], "JSON list"), ({"step": "3"}, "step is '3'"),
+                                        ({"step": 5}, "says step 5"), ({"step": 3, "config": []}, "config is []")])
+def test_a_state_that_is_not_complete_and_consistent_is_skipped(saved, why, tmp_path):
+    from whisper_ft.checkpoint import COMPLETE, STATE_FILE, find_resumable
+
+    for step, state in ((2, {"step": 2}), (3, saved)):
+        folder = tmp_path / f"checkpoint-{step}"
+        folder.mkdir()
+        (folder / STATE_FILE).write_text(json.dumps(state))
+        (folder / COMPLETE).write_text(str(step))
+    said = []
+    assert find_resumable(tmp_path, said.append) == tmp_path / "checkpoint-2"
+    assert len(said) == 1 and "checkpoint-3" in said[0] and why in said[0], said
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("bad", [{}, [1, 2]])
+def test_a_newest_checkpoint_with_a_broken_state_is_skipped_and_kept(bad, tiny_model, tmp_path):
+    out = tmp_path / "run"
+    cfg = base_config(tiny_model, out, max_steps=6, save_steps=3, eval_strategy="no", load_best_model_at_end=False,
+                      save_total_limit=1)
+    assert run_train(cfg, tmp_path, "--stop-at-step", "3").returncode == 0
+    shutil.copytree(out / "checkpoint-3", out / "checkpoint-6")
+    (out / "checkpoint-6" / "COMPLETE").write_text("6")
+    (out / "checkpoint-6" / "trainer_state.json").write_text(json.dumps(bad))
+    before = checksums(out / "checkpoint-3", out / "checkpoint-6")
+    proc = run_train(cfg, tmp_path)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    no_traceback(proc)
+    assert "skipping checkpoint-6" in proc.stderr and "cannot be trusted" in proc.stderr
+    assert "resumed from" in proc.stderr and "at step 3" in proc.stderr
+    # the run's own step-6 save moved the untrusted folder aside, byte for byte, and save_total_limit 1 pruned
+    # neither it nor the checkpoint resumed from
+    aside = out / "checkpoint-6.skipped"
+    moved = {p.replace(str(out / "checkpoint-6"), str(aside), 1) if p.startswith(str(out / "checkpoint-6") + "/")
+             else p: h for p, h in before.items()}
+    unchanged(moved)
+    assert json.loads((out / "checkpoint-6" / "trainer_state.json").read_text())["step"] == 6
+
+
+@pytest.mark.slow
+def test_only_untrusted_checkpoints_stop_the_run_and_change_nothing(tiny_model, tmp_path):
+    out = tmp_path / "run"
+    cfg = base_config(tiny_model, out, max_steps=6, save_steps=3, eval_strategy="no", load_best_model_at_end=False)
+    assert run_train(cfg, tmp_path, "--stop-at-step", "3").returncode == 0
+    (out / "checkpoint-3" / "trainer_state.json").write_text("{}")
+    before = checksums(out)
+    proc = run_train(cfg, tmp_path)
+    assert proc.returncode == 1
+    assert "none is complete and readable; refusing to start over" in proc.stderr
+    no_traceback(proc)
+    unchanged(before)
+
+
+# ---- file-system errors ----
+
+def test_a_full_disk_at_torch_save_removes_the_partial_save_and_keeps_the_older(tmp_path, monkeypatch):
+    """The fault is injected at torch.save (what accelerate's save_state writes optimizer.bin with): half the file
+    is written, then PyTorch's own RuntimeError for a failed write, as on ENOSPC."""
+    import torch
+    from accelerate import Accelerator
+
+    from whisper_ft import checkpoint
+
+    acc = Accelerator(cpu=True)
+    model = acc.prepare(torch.nn.Linear(4, 4))
+    older = checkpoint.save(acc, tmp_path, 1, {"step": 1})
+    before = checksums(older)
+    real_save = torch.save
+
+    def full_disk(obj, f, *a, **k):
+        real_save(obj, f, *a, **k)
+        Path(f).write_bytes(Path(f).read_bytes()[:10])
+        raise RuntimeError("[enforce fail at inline_container.cc:664] . PytorchStreamWriter failed writing file "
+                           "data/0: file write failed")
+
+    monkeypatch.setattr(torch, "save", full_disk)
+    with pytest.raises(CheckpointError, match=r"saving .*checkpoint-2 failed \(RuntimeError.*free under"):
+        checkpoint.save(acc, tmp_path, 2, {"step": 2})
+    assert not (tmp_path / "checkpoint-2.tmp").exists() and not (tmp_path / "checkpoint-2").exists()
+    unchanged(before)
+    del model
+
+
+def test_the_disk_check_refuses_what_cannot_hold_one_checkpoint_and_the_model(tmp_path):
+    from whisper_ft.checkpoint import check_disk, checkpoint_bytes
+
+    n = 1_000_000
+    assert checkpoint_bytes(n) == n * 12  # fp32 weights and AdamW's two moments
+    assert checkpoint_bytes(n, trained=1000) == 1000 * 12  # LoRA: only the trained weights are saved
+    said = []
+    with pytest.raises(CheckpointError, match=r"1\.0 MB free .* need 16\.0 MB"):
+        check_disk(tmp_path, n, 2, said.append, free=1_000_000)
+    check_disk(tmp_path, n, 2, said.append, free=17_000_000)  # one fits, three do not: a warning only
+    assert len(said) == 1 and "warning" in said[0] and "40.0 MB" in said[0]
+
+
+@pytest.mark.slow
+def test_a_read_only_checkpoint_dir_is_a_message(tiny_model, tmp_path):
+    if os.geteuid() == 0:
+        pytest.skip("root writes through permissions; the read-only case is checked by writable_problem's test")
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    locked.chmod(0o500)
+    try:
+        proc = run_train(base_config(tiny_model, locked / "run"), tmp_path)
+    finally:
+        locked.chmod(0o700)
+    assert proc.returncode == 2 and "not writable" in proc.stderr
+    no_traceback(proc)
+
+
+def test_writable_problem_names_a_read_only_or_unwritable_folder(tmp_path, monkeypatch):
+    from whisper_ft import outputs
+
+    monkeypatch.setattr(outputs.os, "access", lambda *a: False)
+    assert "not writable" in outputs.writable_problem(tmp_path / "run") or "read-only" in outputs.writable_problem(
+        tmp_path / "run")
+
+
+@pytest.mark.slow
+def test_a_full_disk_during_training_exits_with_the_path_and_free_space(tiny_model, tmp_path):
+    """The fault is injected at torch.save in the training process (a wrapper runs train_loop.main)."""
+    out = tmp_path / "run"
+    cfg = base_config(tiny_model, out, max_steps=6, save_steps=3, eval_strategy="no", load_best_model_at_end=False)
+    assert run_train(cfg, tmp_path, "--stop-at-step", "3").returncode == 0
+    before = checksums(out / "checkpoint-3")
+    config = tmp_path / "c.yaml"
+    config.write_text(yaml.safe_dump(cfg))
+    wrapper = (
+        "import sys, torch, runpy\n"
+        "def full(obj, f, *a, **k):\n"
+        "    open(f, 'wb').write(b'PK partial')\n"
+        "    raise RuntimeError('PytorchStreamWriter failed writing file data/0: file write failed')\n"
+        "torch.save = full\n"
+        f"sys.argv = ['train_loop.py', '--config', {str(config)!r}]\n"
+        f"sys.path.insert(0, {str(ROOT)!r})\n"
+        "import train_loop\n"
+        "sys.exit(train_loop.main())\n")
+    proc = subprocess.run([sys.executable, "-c", wrapper], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 1, proc.stderr[-2000:]
+    assert "checkpoint-6 failed (RuntimeError" in proc.stderr and "free under" in proc.stderr
+    no_traceback(proc)
+    assert not (out / "checkpoint-6.tmp").exists() and not (out / "checkpoint-6").exists()
+    unchanged(before)
+
+
+# ---- nonsense settings ----
+
+def test_learning_rate_zero_and_duplicate_keys_are_refused(tmp_path, tiny_model):
+    from whisper_ft.config import ConfigError, load_config
+
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(base_config(tiny_model, tmp_path / "run", learning_rate=0)))
+    with pytest.raises(ConfigError, match="learning_rate is 0"):
+        load_config(["--config", str(path)], training=True)
+    path.write_text("lang: en\nmax_steps: 5\nwarmup_steps: 1\nmax_steps: 50\n")
+    with pytest.raises(ConfigError, match=r"max_steps is set twice.*lines 2 and 4"):
+        load_config(["--config", str(path)])
+
+
+@pytest.mark.slow
+def test_stop_at_step_already_reached_stops_again_at_once(tiny_model, tmp_path):
+    out = tmp_path / "run"
+    cfg = base_config(tiny_model, out, max_steps=6, save_steps=3, eval_strategy="no", load_best_model_at_end=False,
+                      stop_at_step=3)
+    assert run_train(cfg, tmp_path).returncode == 0
+    before = checksums(out)
+    proc = run_train(cfg, tmp_path)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "stop_at_step 3 was already reached" in proc.stderr
+    assert not (out / "checkpoint-6").exists()
+    unchanged(before)
