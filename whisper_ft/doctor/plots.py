@@ -50,10 +50,10 @@ def draw(samples: list[dict], rate_limits: dict, out: Path) -> list[str]:
         rest = [x for x in scored if x not in flagged]
         for group, label, color in ((rest, "other samples", "tab:blue"), (flagged, "transcript does not match audio",
                                                                             "tab:red")):
-            ax.scatter([100 * x["scores"]["cer"] for x in group], [x["scores"]["loss"] for x in group], s=12,
+            ax.scatter([100 * x["scores"]["cer"] for x in group], [x["scores"]["margin"] for x in group], s=12,
                        label=f"{label} ({len(group)})", color=color)
         ax.set_xlabel("CER against the model's transcript (%)")
-        ax.set_ylabel("model loss per token of the transcript")
+        ax.set_ylabel("loss margin: given transcript - model's own (per token)")
         ax.legend()
         fig.tight_layout()
         fig.savefig(out / "scores.png", dpi=100)

@@ -3,8 +3,12 @@
 Without a model, samples with findings are ordered by how bad their worst finding is (SEVERITY). With a model,
 the samples whose transcript the model finds unlikely come first: those are the mislabelled ones (a
 transcript of another clip, a sentence missing), which no other check can find. A sample's suspicion is the
-mean of its percentile ranks by CER against the model's transcript and by the model's per-token loss on the
-given transcript. A clip with an audio finding (silence, little speech) or one that training skips is not in
+mean of its percentile ranks by CER against the model's transcript and by the loss margin: the model's loss
+per token on the given transcript minus its loss on its own transcript. The margin, not the loss itself, tells
+a mislabelled clip (its own transcript likely, the given one not) from a clip the model reads badly (every
+transcript unlikely: an unfamiliar voice or accent). Both are measured from the median of the sample's split:
+an evaluation set of another voice or domain has its own baseline (the model may read half of it wrongly), and
+a mislabelled sample stands out against its own split, not against the easiest one. A clip with an audio finding (silence, little speech) or one that training skips is not in
 that first group: its transcript is unlikely because of its audio, and the audio finding says so.
 """
 
@@ -14,7 +18,8 @@ import statistics
 
 MISMATCH = "transcript does not match audio"
 MISMATCH_CER = 0.5  # the model's transcript differs in half of the characters or more
-LOSS_MADS = 5.0  # or the per-token loss lies this many (scaled) median absolute deviations above the median
+LOSS_MADS = 5.0  # or the loss margin lies this many (scaled) median absolute deviations above the median
+MIN_MARGIN = 1.0  # and at least this far (nats per token): most margins are 0 when the model agrees with most
 # Lower = worse; reasons not named here (the loop's skip reasons, "skipped: ...") rank with the first group.
 SEVERITY = {
     "near-silent audio": 0, "same audio, different transcript": 0, "train/eval overlap (audio)": 0,
@@ -52,21 +57,26 @@ def add_model_findings(samples: list[dict], scores: dict) -> dict:
     if not scored:
         return {}
     for x in scored:
-        x["scores"] = {k: scores[x["key"]][k] for k in ("cer", "wer", "loss")}
+        x["scores"] = {k: scores[x["key"]][k] for k in ("cer", "wer", "loss", "margin")}
         x["model_output"] = scores[x["key"]]["model_output"]
-    cer_rank = percentile_ranks([x["scores"]["cer"] for x in scored])
-    loss_rank = percentile_ranks([x["scores"]["loss"] for x in scored])
-    losses = [x["scores"]["loss"] for x in scored]
-    median = statistics.median(losses)
-    mad = 1.4826 * statistics.median(abs(v - median) for v in losses)
-    loss_limit = median + LOSS_MADS * max(mad, 0.05 * median, 1e-6)
-    for x, c, lo in zip(scored, cer_rank, loss_rank):
-        x["scores"]["suspicion"] = round((c + lo) / 2, 4)
-        cer, loss = x["scores"]["cer"], x["scores"]["loss"]
-        if cer >= MISMATCH_CER or loss > loss_limit:
-            x["reasons"].append((MISMATCH, f"CER {100 * cer:.0f}% against the model's transcript; "
-                                           f"{loss:.2f} loss per token (median {median:.2f})"))
-    return {"mismatch_cer": MISMATCH_CER, "loss_median": round(median, 4), "loss_limit": round(loss_limit, 4)}
+    base = {}
+    for split in {x["split"] for x in scored}:
+        mine = [x["scores"] for x in scored if x["split"] == split]
+        base[split] = (statistics.median(s["cer"] for s in mine), statistics.median(s["margin"] for s in mine))
+    cer_rank = percentile_ranks([x["scores"]["cer"] - base[x["split"]][0] for x in scored])
+    margin_rank = percentile_ranks([x["scores"]["margin"] - base[x["split"]][1] for x in scored])
+    margins = [x["scores"]["margin"] for x in scored]
+    median = statistics.median(margins)
+    mad = 1.4826 * statistics.median(abs(v - median) for v in margins)
+    limit = median + max(LOSS_MADS * mad, MIN_MARGIN)
+    for x, c, m in zip(scored, cer_rank, margin_rank):
+        x["scores"]["suspicion"] = round((c + m) / 2, 4)
+        cer, loss, margin = x["scores"]["cer"], x["scores"]["loss"], x["scores"]["margin"]
+        if cer >= MISMATCH_CER or margin > limit:
+            x["reasons"].append((MISMATCH, f"CER {100 * cer:.0f}% against the model's transcript; {loss:.2f} loss "
+                                           f"per token, {margin:.2f} above the model's own transcript's "
+                                           f"(median {median:.2f})"))
+    return {"mismatch_cer": MISMATCH_CER, "margin_median": round(median, 4), "margin_limit": round(limit, 4)}
 
 
 def worst_first(reasons: list[tuple[str, str]]) -> list[tuple[str, str]]:

@@ -4,7 +4,8 @@ Samples go through the evaluation's own path: batches.eval_loader (length-ordere
 Prepare and Collator), the encoder once per batch for both the loss and the decoding, and greedy.Decoding
 (the evaluation's greedy loop, or generate() where that does not apply). Per sample it gives the greedy
 transcript, WER and CER of the given transcript against it (normalised as evaluation normalises), and the
-mean cross-entropy per label token of the given transcript.
+mean cross-entropy per token of the given transcript, and how much higher that is than the model's loss on
+its own transcript (the margin).
 """
 
 from __future__ import annotations
@@ -60,25 +61,49 @@ def score(model, processor, splits: dict[str, list], cfg, say=None) -> tuple[dic
     return scores, per_split
 
 
+def _text_loss(model, encoded, labels, shift_right, prefix: int) -> torch.Tensor:
+    """Mean cross-entropy per transcript token of each row: the prefix (language, task, no-timestamps) is the
+    same for every sample and would only dilute the difference between them."""
+    logits = model(encoder_outputs=(encoded,), decoder_input_ids=shift_right(labels)).logits
+    labels = labels.clone()
+    labels[:, :prefix] = IGNORE_INDEX
+    return F.cross_entropy(logits.float().transpose(1, 2), labels, ignore_index=IGNORE_INDEX,
+                           reduction="none").sum(1) / (labels != IGNORE_INDEX).sum(1).clamp(min=1)
+
+
+def _as_labels(generated: torch.Tensor, eos: int) -> torch.Tensor:
+    """Greedy output (start token, prefix, text, EOS, EOS...) -> labels as the collator makes them: the start
+    token dropped, everything after the first EOS ignored."""
+    labels = generated[:, 1:].clone()
+    ended = (labels == eos).cumsum(1)
+    labels[(ended > 1) | ((ended == 1) & (labels != eos))] = IGNORE_INDEX
+    return labels
+
+
 @torch.no_grad()
 def _batch_scores(model, batch, device, autocast, decode, shift_right, tokenizer) -> list[dict]:
-    features = batch["input_features"].to(device)
-    labels = batch["labels"].to(device)
+    """Per sample: the model's transcript, WER/CER of the given one against it, the loss per token of the given
+    transcript, and the margin: that loss minus the loss of the model's own transcript. A clip the model cannot
+    read well is unlikely under any transcript (a small margin); a mislabelled clip that it reads well has a
+    likely transcript of its own and an unlikely given one (a large margin)."""
+    n = len(batch["ids"])
+    features = batch["input_features"][:n].to(device)
+    labels = batch["labels"][:n].to(device)
+    prefix = len(tokenizer.prefix_tokens) - 1  # the labels start after <|startoftranscript|>
     with autocast:
         encoded = model.get_encoder()(features).last_hidden_state
-        logits = model(encoder_outputs=(encoded,), decoder_input_ids=shift_right(labels)).logits
         generated = decode(features, encoded)
-    n = len(batch["ids"])
-    losses = F.cross_entropy(logits[:n].float().transpose(1, 2), labels[:n], ignore_index=IGNORE_INDEX,
-                             reduction="none").sum(1) / (labels[:n] != IGNORE_INDEX).sum(1).clamp(min=1)
-    references = tokenizer.batch_decode(labels[:n].masked_fill(labels[:n] == IGNORE_INDEX, tokenizer.eos_token_id),
+        losses = _text_loss(model, encoded, labels, shift_right, prefix)
+        own = _text_loss(model, encoded, _as_labels(generated, tokenizer.eos_token_id), shift_right, prefix)
+    references = tokenizer.batch_decode(labels.masked_fill(labels == IGNORE_INDEX, tokenizer.eos_token_id),
                                         skip_special_tokens=True)
-    outputs = tokenizer.batch_decode(generated[:n], skip_special_tokens=True)
+    outputs = tokenizer.batch_decode(generated, skip_special_tokens=True)
     rows = []
-    for i, ref, out, loss in zip(batch["ids"], references, outputs, losses.tolist()):
+    for i, ref, out, loss, own_loss in zip(batch["ids"], references, outputs, losses.tolist(), own.tolist()):
         ref, out = ref.strip(), out.strip()
         r, o = normalize(ref), normalize(out)
         rows.append({"id": i, "reference": ref, "model_output": out, "loss": round(loss, 4),
+                     "margin": round(loss - own_loss, 4),
                      "wer": round(jiwer.wer(r, o), 4) if r else None,
                      "cer": round(jiwer.cer(r, o), 4) if r else None})
     return rows
