@@ -93,7 +93,7 @@ def test_existing_output_is_kept_unless_forced(exported, capsys):
     model, out, _ = exported
     before = (out / "model.bin").stat().st_mtime_ns
     assert main(["--model", str(model), "--output-dir", str(out)]) == 1
-    assert "already exists; pass --force" in capsys.readouterr().err
+    assert "holds a previous ctranslate2 export; pass --force" in capsys.readouterr().err
     assert (out / "model.bin").stat().st_mtime_ns == before
 
 

@@ -7,7 +7,7 @@
 ctranslate2 (faster-whisper): model.bin, config.json and vocabulary.json from CTranslate2's converter, plus
   tokenizer.json (without it faster-whisper falls back to openai's tokenizer, wrong for an extended
   vocabulary) and preprocessor_config.json (the log-mel size: 128 bins for large-v3, 80 for the others).
-ggml (whisper.cpp): ggml-model.bin with the model's own mel filters and vocabulary (float16 or float32).
+ggml (whisper.cpp): ggml-model.bin with the model's own mel filters and vocabulary (float16).
 openai (openai-whisper): model.pt, which whisper.load_model("DIR/model.pt") loads (float16 or float32).
 
 The output folder must be new, empty, or a previous export of the same format (--force replaces that
@@ -31,7 +31,8 @@ from whisper_ft.export_output import OutputError, write_export
 QUANTIZATIONS = {
     "ctranslate2": ("float16", "float32", "bfloat16", "int8", "int8_float16", "int8_float32", "int8_bfloat16",
                     "int16"),
-    "ggml": ("float16", "float32"),
+    # float32 ggml files load, but whisper.cpp's CPU kernels (pywhispercpp 1.5.1) abort on them: F16 asserts.
+    "ggml": ("float16",),
     "openai": ("float16", "float32"),
 }
 RUNTIME_PACKAGE = {"ctranslate2": "ctranslate2", "ggml": "pywhispercpp", "openai": "openai-whisper"}
@@ -50,7 +51,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--format", default="ctranslate2", choices=tuple(QUANTIZATIONS), help="export format")
     p.add_argument("--quantization", default="float16",
                    help="weight type; ctranslate2: " + ", ".join(QUANTIZATIONS["ctranslate2"]) +
-                        "; ggml and openai: float16 or float32 (default float16)")
+                        "; openai: float16 or float32; ggml: float16 (default float16)")
     p.add_argument("--output-dir", default="", help="default: <model folder>-ct2, -ggml or -openai")
     p.add_argument("--force", action="store_true", help="replace a previous export of the same format there")
     p.add_argument("--verify", nargs="+", default=[], metavar="AUDIO", help="clips to transcribe with both")
