@@ -434,6 +434,20 @@ def evaluate_sets(run: Run, step: int) -> dict[str, Any] | None:
                                            generate_kwargs=run.gen_kwargs, should_stop=run.stopper.requested)
         if run.stopper.agreed():
             return None
+        if not rows:  # no metrics for a set with nothing evaluated: a loss of 0.00 on 0 samples is not a result
+            unusable = (f"evaluation set {name} is unusable: none of its samples could be evaluated"
+                        f"{' (' + describe(eval_bad, 3, detail=True) + ')' if eval_bad else ''}")
+            if i == 0:  # the set that picks the best model: nothing to pick by
+                from whisper_ft.data import DataError
+                if step > 0:
+                    save(run, step)
+                raise DataError(f"{unusable}; it is the set that picks the best model, so the run stops here"
+                                f"{' (checkpoint saved)' if step > 0 else ''}. Fix its audio and transcripts, or "
+                                "choose another eval_split / eval_sets")
+            if name not in run.named_eval_bad:
+                run.say(f"{unusable}; no metrics are written for it", to_bar=True)
+                run.named_eval_bad.add(name)
+            continue
         got["eval_bad_samples"] = len(eval_bad)
         if eval_bad and name not in run.named_eval_bad:  # the same samples fail at every evaluation: name them once
             run.say(f"evaluation{'' if len(run.eval_loaders) == 1 else ' set ' + name} skipped {len(eval_bad)} "

@@ -90,8 +90,8 @@ def test_a_folder_that_is_not_a_run_is_refused_before_anything_is_written(where,
     proc = subprocess.run([sys.executable, str(ROOT / "train_loop.py"), "--config", str(config)], cwd=ROOT,
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2, proc.stderr[-2000:]
-    expected = {"model": "not empty and is not a whisper-ft run", "config folder": "holds the config file",
-                "repository": "not empty and is not a whisper-ft run", "parent of a file": "is a file, not a folder"}
+    expected = {"model": "holds the base model", "config folder": "holds the config file",
+                "repository": "is the whisper-ft repository itself", "parent of a file": "is a file, not a folder"}
     assert expected[where] in proc.stderr
     no_traceback(proc)
     unchanged(before)
@@ -287,4 +287,139 @@ def test_stop_at_step_already_reached_stops_again_at_once(tiny_model, tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "stop_at_step 3 was already reached" in proc.stderr
     assert not (out / "checkpoint-6").exists()
+    unchanged(before)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", ["learning_rate 0", "duplicate key"])
+def test_nonsense_settings_are_refused_by_the_command(case, tiny_model, tmp_path):
+    out = tmp_path / "run"
+    config = tmp_path / "c.yaml"
+    text = yaml.safe_dump(base_config(tiny_model, out, **({"learning_rate": 0} if case == "learning_rate 0" else {})))
+    if case == "duplicate key":
+        text += "max_steps: 600\n"
+    config.write_text(text)
+    before = checksums(tmp_path)
+    proc = subprocess.run([sys.executable, str(ROOT / "train_loop.py"), "--config", str(config)], cwd=ROOT,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2
+    line = next(i for i, t in enumerate(text.splitlines(), 1) if t.startswith("max_steps"))
+    assert ("learning_rate is 0" if case == "learning_rate 0" else
+            f"max_steps is set twice (lines {line} and {len(text.splitlines())})") in proc.stderr
+    no_traceback(proc)
+    unchanged(before)
+    assert not out.exists()
+
+
+def manifest_with_unusable_eval(tmp_path: Path, train_rows: int = 25) -> Path:
+    """A CSV manifest: `train_rows` good training clips (repeated), and an eval split of audio that does not decode."""
+    from conftest import BAD
+
+    rows = ["path,text,split"]
+    good = sorted((BAD / "good").glob("*.mp3"))
+    rows += [f"{good[i % len(good)]},the cat sat down,train" for i in range(train_rows)]
+    rows += [f"{BAD / name},the cat sat down,dev" for name in ("corrupt.mp3", "truncated.mp3")]
+    path = tmp_path / "data" / "manifest.csv"
+    path.parent.mkdir()
+    path.write_text("\n".join(rows) + "\n")
+    return path
+
+
+@pytest.mark.slow
+def test_an_evaluation_set_with_no_usable_sample_writes_no_metrics_and_stops(tiny_model, tmp_path):
+    data = manifest_with_unusable_eval(tmp_path)
+    out = tmp_path / "run"
+    cfg = base_config(tiny_model, out, dataset_name=str(data), max_steps=4, eval_steps=2, save_steps=4)
+    proc = run_train(cfg, tmp_path)
+    assert proc.returncode == 1, proc.stderr[-2000:]
+    no_traceback(proc)
+    assert "evaluation set eval is unusable" in proc.stderr and "picks the best model" in proc.stderr
+    logged = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()] \
+        if (out / "metrics.jsonl").exists() else []
+    assert not any("eval_loss" in r for r in logged)
+    assert (out / "checkpoint-2").is_dir()  # the training done so far is saved
+
+
+@pytest.mark.slow
+def test_a_training_set_of_one_sample_is_named(tiny_model, tmp_path):
+    data = manifest_with_unusable_eval(tmp_path, train_rows=1)
+    cfg = base_config(tiny_model, tmp_path / "run", dataset_name=str(data), max_steps=2, eval_strategy="no",
+                      load_best_model_at_end=False, save_steps=2)
+    proc = run_train(cfg, tmp_path)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "warning: only 1 training samples" in proc.stderr and "batch of 4" in proc.stderr
+
+
+# ---- messages that blame the right thing ----
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", ["missing model folder", "model not cached offline", "missing dataset folder",
+                                  "comma-separated .tsv"])
+def test_a_wrong_input_is_named_for_what_it_is(case, tiny_model, tmp_path):
+    out = tmp_path / "run"
+    if case == "comma-separated .tsv":
+        data = tmp_path / "my.tsv"
+        good = sorted((ROOT / "tests" / "data" / "bad" / "good").glob("*.mp3"))
+        data.write_text("path,text,split\n" + "".join(f"{g},the cat sat down,train\n" for g in good))
+    overrides = {"missing model folder": {"whisper_pretrained": str(tmp_path / "models" / "my-whisper")},
+                 "model not cached offline": {"whisper_pretrained": "someone/whisper-not-cached"},
+                 "missing dataset folder": {"dataset_name": str(tmp_path / "corpora" / "mine")},
+                 "comma-separated .tsv": {"dataset_name": str(tmp_path / "my.tsv"), "eval_strategy": "no",
+                                          "load_best_model_at_end": False}}[case]
+    proc = run_train(base_config(tiny_model, out, **overrides), tmp_path, env={"HF_HUB_OFFLINE": "1"})
+    assert proc.returncode == 1, proc.stderr[-2000:]
+    no_traceback(proc)
+    expected = {"missing model folder": "no such folder", "model not cached offline": "not in the model cache and "
+                "HF_HUB_OFFLINE=1", "missing dataset folder": "does not exist: no such file or folder",
+                "comma-separated .tsv": "is named .tsv but its header is comma-separated"}[case]
+    assert expected in proc.stderr
+    assert "network" not in proc.stderr
+
+
+@pytest.fixture(scope="module")
+def stopped_run(tiny_model, tmp_path_factory) -> Path:
+    """A run stopped at step 3 (checkpoint-3, no final model): what evaluate is pointed at below."""
+    tmp = tmp_path_factory.mktemp("stopped")
+    cfg = base_config(tiny_model, tmp / "run", max_steps=6, save_steps=3, eval_strategy="no",
+                      load_best_model_at_end=False)
+    proc = run_train(cfg, tmp, "--stop-at-step", "3")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return tmp / "run"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", ["LoRA checkpoint", "state is a list", "truncated weights", "another architecture"])
+def test_evaluate_on_a_broken_or_adapter_model_is_a_message(case, stopped_run, tiny_model, tmp_path):
+    run = Path(shutil.copytree(stopped_run, tmp_path / "run"))
+    model = run / "checkpoint-3"
+    state = model / "trainer_state.json"
+    if case == "LoRA checkpoint":
+        saved = json.loads(state.read_text())
+        saved["config"]["lora_r"] = 8
+        state.write_text(json.dumps(saved))
+    elif case == "state is a list":
+        state.write_text("[1, 2]")
+    elif case == "truncated weights":
+        model = Path(shutil.copytree(tiny_model, tmp_path / "final"))
+        data = (model / "model.safetensors").read_bytes()
+        (model / "model.safetensors").write_bytes(data[: len(data) // 2])
+    else:
+        from safetensors.torch import save_file
+        import torch
+
+        model = Path(shutil.copytree(tiny_model, tmp_path / "final"))
+        save_file({"wav2vec2.encoder.layer.0.weight": torch.zeros(4, 4)}, str(model / "model.safetensors"))
+    config = tmp_path / "c.yaml"
+    config.write_text(yaml.safe_dump(base_config(tiny_model, run, max_eval_samples=2)))
+    before = checksums(tmp_path)
+    proc = subprocess.run([sys.executable, "-m", "whisper_ft.cli.evaluate", "--config", str(config), "--model",
+                           str(model)], cwd=ROOT, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert proc.returncode == 1, proc.stderr[-2000:]
+    no_traceback(proc)
+    expected = {"LoRA checkpoint": f"is a LoRA checkpoint: it holds only the adapter weights, not a whole model. "
+                f"Evaluate the run's final model folder ({run}",
+                "state is a list": "is not a run state (it holds a JSON list)",
+                "truncated weights": "SafetensorError", "another architecture": "not a Whisper's"}[case]
+    assert expected in proc.stderr
     unchanged(before)

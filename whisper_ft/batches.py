@@ -18,6 +18,9 @@ from whisper_ft.data import Bad, DataError, RecordDataset, describe, name_first,
 from whisper_ft.sources import load_records
 
 
+FEW_SAMPLES = 8  # fewer training samples than this is a mistake more often than a plan
+
+
 def load_data(cfg: Config, lang, prepare, say) -> tuple[Any, list]:
     """Train and eval records, checked before training starts.
 
@@ -67,6 +70,12 @@ def load_data(cfg: Config, lang, prepare, say) -> tuple[Any, list]:
     size = len(train) if isinstance(train, list) else "streamed"
     say(f"data: {size} training samples ({cfg.train_split})"
         + (f", {len(evals)} evaluation samples ({cfg.eval_split})" if not cfg.eval_sets else ""))
+    step_batch = cfg.per_device_train_batch_size * cfg.gradient_accumulation_steps
+    if isinstance(train, list) and len(train) < max(step_batch, FEW_SAMPLES):  # trains, but on what?
+        say(f"warning: only {len(train)} training samples ({where}), "
+            + (f"fewer than one optimizer step's batch of {step_batch}" if len(train) < step_batch else
+               f"fewer than {FEW_SAMPLES}") + f": each of the {cfg.max_steps} steps repeats them, so the model "
+            "memorises them rather than learns; check train_split and the data's split column")
     if bad:
         say(f"{len(bad)} training samples are unusable and will be skipped and counted when drawn: {describe(bad)}")
     if eval_bad:

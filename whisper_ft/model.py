@@ -56,12 +56,51 @@ def load_whisper(pretrained: str, lang, task: str, *, cache_dir: str = "", token
     return processor, model
 
 
+def looks_like_path(ref: str) -> bool:
+    """A name the user meant as a local folder (not a Hub id like openai/whisper-small)."""
+    return ref.startswith((".", "/", "~", "\\")) or ref.count("/") > 1 or "\\" in ref or ref.endswith("/")
+
+
+def offline() -> bool:
+    import os
+
+    return any(os.environ.get(v, "").upper() in ("1", "ON", "YES", "TRUE") for v in ("HF_HUB_OFFLINE",
+                                                                                    "TRANSFORMERS_OFFLINE"))
+
+
 def from_pretrained(cls, ref: str, **kwargs):
-    """cls.from_pretrained(ref, **kwargs), or a ModelError that every command reports the same way."""
+    """cls.from_pretrained(ref, **kwargs), or a ModelError that every command reports the same way.
+
+    A model whose weights do not fit the class (another architecture's, or missing tensors) is refused here:
+    transformers would only warn and fill the gaps with random weights.
+    """
+    path = Path(ref).expanduser()
+    if not path.exists() and looks_like_path(ref):
+        raise load_error(ref, f"no such folder ({path.resolve()} does not exist)")
+    if path.is_file():
+        raise load_error(ref, "it is a file; give the folder that holds it")
+    info = {"output_loading_info": True} if cls is WhisperForConditionalGeneration else {}
     try:
-        return cls.from_pretrained(ref, **kwargs)
-    except (OSError, ValueError) as e:  # ValueError: a path that does not exist reads as a malformed Hub id
-        raise load_error(ref, (str(e).splitlines() or [type(e).__name__])[0][:300]) from None
+        loaded = cls.from_pretrained(ref, **kwargs, **info)
+    except Exception as e:  # noqa: BLE001 - OSError, ValueError, safetensors' and torch's own errors for a bad file
+        reason = " ".join(str(e).split()) or type(e).__name__
+        if not path.exists() and offline() and isinstance(e, OSError):
+            raise load_error(ref, "it is not in the model cache and HF_HUB_OFFLINE=1 forbids downloading it; run "
+                             f"once online (or `hf download {ref}`), set model_cache to where it is cached, or "
+                             "give a local model folder") from None
+        if len(reason) > 400:
+            reason = reason[:400].rsplit(" ", 1)[0] + " ..."
+        raise load_error(ref, f"{type(e).__name__}: {reason}") from None
+    if not info:
+        return loaded
+    model, loading = loaded
+    missing = set(loading.get("missing_keys", ())) - {"proj_out.weight"}  # tied to the decoder embeddings
+    mismatched = loading.get("mismatched_keys", ())
+    if missing or mismatched:
+        raise load_error(ref, f"its weights are not a Whisper's of this shape ({len(missing)} missing, e.g. "
+                         f"{', '.join(sorted(missing)[:3]) or '-'}; {len(mismatched)} of another shape): another "
+                         "architecture's weights, or an incomplete model folder")
+    return model
 
 
 def load_error(ref: str, reason: str) -> ModelError:
@@ -77,10 +116,7 @@ def is_training_checkpoint(path: Path) -> bool:
 
 def load_any(ref: str, cfg, lang):
     """(processor, model) with the config's language and task, from a model folder, Hub id or checkpoint."""
-    path = Path(ref)
-    if not path.exists() and (ref.startswith((".", "/", "~")) or ref.count("/") > 1):
-        # A path that is not there: say so, rather than let the Hub client reject it as a malformed repo id.
-        raise load_error(ref, "no such folder")
+    path = Path(ref).expanduser()
     if not is_training_checkpoint(path):
         return load_whisper(ref, lang, cfg.task, cache_dir=cfg.model_cache, token=cfg.hf_token)
     return load_training_checkpoint(path, cfg, lang)
@@ -95,17 +131,43 @@ def load_training_checkpoint(path: Path, cfg, lang):
     import torch
     from safetensors.torch import load_file
 
-    state = json.loads((path / "trainer_state.json").read_text(encoding="utf-8"))
-    base = state.get("config", {}).get("whisper_pretrained") or cfg.whisper_pretrained
+    from whisper_ft.checkpoint import unreadable_file
+
+    try:
+        state = json.loads((path / "trainer_state.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise ModelError(f"{path / 'trainer_state.json'} cannot be read ({e}); evaluate another checkpoint or the "
+                         "run's final model folder") from None
+    if not isinstance(state, dict) or not isinstance(state.get("config", {}), dict):
+        raise ModelError(f"{path / 'trainer_state.json'} is not a run state (it holds a JSON "
+                         f"{type(state).__name__}); evaluate another checkpoint or the run's final model folder")
+    saved = state.get("config", {})
+    base = saved.get("whisper_pretrained") or cfg.whisper_pretrained
     weights = path / "model.safetensors"
     if not weights.is_file():
         raise ModelError(f"{path} has no model.safetensors (sharded FSDP/DeepSpeed state?); export a model folder "
                          "from it first, or evaluate the run's final model folder")
+    if (saved.get("lora_r") or 0) > 0:  # adapter weights only: the base + adapter is the run's final folder
+        raise ModelError(f"{path} is a LoRA checkpoint: it holds only the adapter weights, not a whole model. "
+                         f"Evaluate the run's final model folder ({path.parent}, written at the end of training with "
+                         "the adapter merged), or finish the run first")
+    problem = unreadable_file(path)
+    if problem:
+        raise ModelError(f"{path} cannot be read: {problem}")
     processor, model = load_whisper(base, lang, cfg.task, cache_dir=cfg.model_cache, token=cfg.hf_token)
-    tensors = load_file(str(weights))
+    try:
+        tensors = load_file(str(weights))
+    except Exception as e:  # noqa: BLE001 - safetensors raises its own error type for a damaged file
+        raise ModelError(f"{weights} cannot be read ({type(e).__name__}: {e})") from None
     tensors = {re.sub(r"^(module\.|_orig_mod\.)+", "", k): v for k, v in tensors.items()}
-    result = model.load_state_dict(tensors, strict=False)
+    try:
+        result = model.load_state_dict(tensors, strict=False)
+    except RuntimeError as e:  # a tensor of another shape
+        raise ModelError(f"{weights} does not match the architecture of {base}: "
+                         f"{' '.join(str(e).split())[:300]}") from None
     tied = {"proj_out.weight"}
+    if saved.get("freeze_encoder"):  # a frozen encoder is not saved: the base model's, loaded above, is the run's
+        tied |= {k for k in result.missing_keys if k.startswith("model.encoder.")}
     missing = set(result.missing_keys) - tied
     if missing or result.unexpected_keys:
         raise ModelError(f"{weights} does not match the architecture of {base}: missing {sorted(missing)[:5]}, "

@@ -70,6 +70,9 @@ def check_output_dir(out: str | Path, *, inputs: dict[str, str | Path | None], r
     problem = writable_problem(folder)
     if problem:
         raise CheckpointError(problem)
+    if repository is not None and folder == _resolved(repository):
+        raise CheckpointError(f"checkpoint_dir {folder} is the whisper-ft repository itself; choose a folder of its "
+                              "own, e.g. ./checkpoints/<name>")
     for what, path in inputs.items():
         if not path or not Path(path).expanduser().exists():
             continue  # a Hub id, or nothing given
@@ -79,9 +82,6 @@ def check_output_dir(out: str | Path, *, inputs: dict[str, str | Path | None], r
         if _inside(p, folder):
             raise CheckpointError(f"checkpoint_dir {folder} holds {what} ({p}); training would write over it. "
                                   "Choose a checkpoint_dir of its own, e.g. a new folder under ./checkpoints")
-    if repository is not None and folder == _resolved(repository):
-        raise CheckpointError(f"checkpoint_dir {folder} is the whisper-ft repository itself; choose a folder of its "
-                              "own, e.g. ./checkpoints/<name>")
     if folder.is_dir() and any(folder.iterdir()) and not is_run(folder):
         found = sorted(p.name + ("/" if p.is_dir() else "") for p in folder.iterdir())
         raise CheckpointError(f"checkpoint_dir {folder} is not empty and is not a whisper-ft run (it holds "

@@ -74,10 +74,30 @@ def load_records(dataset_name: str, split: str, *, lang=None, text_column: str =
                             "audiofolder (metadata.csv beside the clips), no <split>.csv/.tsv/.jsonl manifests and no "
                             "parquet files")
         revision, token = "", ""
+    elif not path.exists() and _looks_like_path(dataset_name):  # not a Hub id: say so, not "check the network"
+        raise DataError(f"dataset {dataset_name} does not exist: no such file or folder ({path.resolve()})")
     from whisper_ft.hub_data import hub_records  # imports datasets only when needed
     return hub_records(str(path) if path.is_dir() else dataset_name, split, lang=lang, text_column=text_column,
                        audio_column=audio_column, config=dataset_config, revision=revision, cache_dir=cache_dir,
                        token=token, streaming=streaming)
+
+
+def _looks_like_path(name: str) -> bool:
+    """A name meant as a local path (a Hub dataset id is `name` or `owner/name`)."""
+    return name.startswith((".", "/", "~", "\\")) or name.count("/") > 1 or "\\" in name or name.endswith("/")
+
+
+def _delimiter_problem(path: Path, header: list[str]) -> None:
+    """A .tsv whose header is comma-separated (or a .csv's tab-separated) would read as one column: say so."""
+    if len(header) != 1:
+        return
+    other = {",": "comma", "\t": "tab", ";": "semicolon"}
+    for sep, word in other.items():
+        if header[0].count(sep) >= 1 and sep != ("\t" if path.suffix.lower() == ".tsv" else ","):
+            want = {",": ".csv", "\t": ".tsv"}.get(sep)
+            raise DataError(f"{path} is named {path.suffix} but its header is {word}-separated "
+                            f"({header[0][:80]!r})" + (f": rename it to {path.stem}{want}" if want else
+                                                       ": save it comma-separated (.csv) or tab-separated (.tsv)"))
 
 
 def _parts(split: str) -> list[str]:
@@ -189,6 +209,7 @@ def _read_rows(path: Path) -> tuple[list[tuple[int, dict[str, Any]]], list[tuple
     if suffix == ".tsv":
         lines = raw.split(b"\n")
         header = lines[0].decode("utf-8-sig", errors="replace").rstrip("\r").split("\t")
+        _delimiter_problem(path, header)
         for n, line in enumerate(lines[1:], start=2):
             if not line.strip():
                 continue
@@ -204,6 +225,7 @@ def _read_rows(path: Path) -> tuple[list[tuple[int, dict[str, Any]]], list[tuple
         return rows, problems
     reader = csv.reader(io.StringIO(raw.decode("utf-8-sig", errors="surrogateescape"), newline=""))
     header = next(reader, [])
+    _delimiter_problem(path, header)
     while True:
         try:
             fields = next(reader)

@@ -128,9 +128,14 @@ def run(cfg, args) -> int:
         start = time.perf_counter()
         metrics, rows, bad = evaluate(model, loader, processor.tokenizer, accelerator, generate_kwargs=kwargs)
         seconds = time.perf_counter() - start
+        if not rows:  # a loss of 0.00 over 0 samples is not a result
+            raise DataError(f"{spec['dataset_name']} split {spec['split']!r} is unusable: none of its {len(records)} "
+                            f"samples could be evaluated ({reasons(bad) if bad else 'no samples'}; first: "
+                            f"{name_first(bad, 3) if bad else '-'}); nothing was written")
 
         out = default_output_dir(cfg, model_ref, label, name) if not args.output_dir else \
             Path(args.output_dir) / (_safe(name) if len(sets) > 1 else "")
+        check_output_dir(out)
         if accelerator.is_main_process:
             summary = {
                 "model": model_ref, "model_kind": label, "eval_set": name, "dataset": spec["dataset_name"],
@@ -232,6 +237,25 @@ def default_output_dir(cfg, model_ref: str, label: str, split: str) -> Path:
 
 def _safe(text: str) -> str:
     return re.sub(r"[^\w.+-]+", "_", text).strip("_") or "model"
+
+
+def check_output_dir(out: Path) -> None:
+    """predictions.jsonl and summary.json replace only an earlier evaluation's, never files of the same names that
+    this command did not write (DataError)."""
+    from whisper_ft.data import DataError
+
+    summary = out / "summary.json"
+    ours = False
+    if summary.is_file():
+        try:
+            ours = {"model", "model_kind", "metrics"} <= set(json.loads(summary.read_text(encoding="utf-8")))
+        except (OSError, ValueError, TypeError):
+            ours = False
+    if (summary.exists() or (out / "predictions.jsonl").exists()) and not ours:
+        raise DataError(f"{out} already holds a summary.json or predictions.jsonl that an evaluation did not write; "
+                        "evaluate would overwrite them. Give another --output-dir")
+    if out.exists() and not out.is_dir():
+        raise DataError(f"--output-dir {out} is a file, not a folder")
 
 
 def write_outputs(out: Path, rows: list[dict[str, Any]], summary: dict[str, Any]) -> None:
