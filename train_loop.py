@@ -216,8 +216,11 @@ def resume(run: Run) -> bool:
                 f"{run.state.step}; nothing to do. Raise stop_at_step or remove it to train on.")
             return True
         say(f"resumed from {run.resumed_from} at step {run.state.step}")
+        if checkpoint.kept_note(out):
+            say(checkpoint.kept_note(out))
+    # every process checks (one shared folder, the same answer), so a refusal stops them all, none left waiting
+    checkpoint.check_disk(out, run.n_params, cfg.save_total_limit, say, trained=run.n_trained)
     if accelerator.is_main_process:
-        checkpoint.check_disk(out, run.n_params, cfg.save_total_limit, say, trained=run.n_trained)
         try:
             (out / "config.yaml").write_text(dump_yaml(cfg), encoding="utf-8")
         except OSError as e:

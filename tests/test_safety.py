@@ -145,6 +145,7 @@ def test_a_newest_checkpoint_with_a_broken_state_is_skipped_and_kept(bad, tiny_m
     assert proc.returncode == 0, proc.stderr[-2000:]
     no_traceback(proc)
     assert "skipping checkpoint-6" in proc.stderr and "cannot be trusted" in proc.stderr
+    assert "never pruned or saved over: checkpoint-6" in proc.stderr
     assert "resumed from" in proc.stderr and "at step 3" in proc.stderr
     # the run's own step-6 save moved the untrusted folder aside, byte for byte, and save_total_limit 1 pruned
     # neither it nor the checkpoint resumed from

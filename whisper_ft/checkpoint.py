@@ -220,15 +220,26 @@ def _free_name(root: Path, name: str) -> Path:
 
 def _skip(path: Path, say, why: str) -> None:
     _untrusted.add(path.resolve())
-    say(f"skipping {path.name}: {why}; it is kept as it is (never pruned or saved over by this run)")
+    say(f"skipping {path.name}: {why}")
+
+
+def kept_note(root: Path) -> str | None:
+    """What the resume skipped and keeps untouched, for the run's log; None when nothing was skipped."""
+    names = sorted((p.name for p in _untrusted if p.parent == root.resolve()), key=lambda n: step_of(Path(n)))
+    if not names:
+        return None
+    return (f"kept as they are for you to inspect, never pruned or saved over: {', '.join(names)} (a save at the "
+            "same step moves the old folder to checkpoint-<step>.skipped)")
 
 
 def find_resumable(root: Path, say, skip: set[Path] = frozenset()) -> Path | None:
     """The newest checkpoint that is complete and readable; unreadable ones are reported and skipped.
 
     Finding checkpoints but being able to read none stops the run: silently starting again from step 0
-    would overwrite a night of training. Nothing is ever deleted here: an unreadable checkpoint stays
-    for the user to inspect (and is pruned later like any old one).
+    would overwrite a night of training. Nothing is ever deleted here: an untrusted checkpoint (incomplete, a
+    state that is not complete and consistent with its folder's step, a file that does not read) stays for the
+    user to inspect; prune() never removes it and save() moves it aside to checkpoint-<step>.skipped rather than
+    save over it.
     """
     candidates = [p for p in root.glob("checkpoint-*") if p.is_dir() and NAME.match(p.name)] if root.is_dir() else []
     for path in sorted(candidates, key=step_of, reverse=True):
@@ -324,9 +335,8 @@ def resume(accelerator, root: Path, say, accept=lambda state: state) -> tuple[Pa
 def checkpoint_bytes(n_params: int, trained: int | None = None) -> int:
     """A checkpoint's size: fp32 weights of what it holds (the trained weights with LoRA or a frozen encoder, whose
     checkpoints skip the frozen base) and AdamW's two fp32 moments of the trained weights."""
-    trained = n_params if trained is None else trained
-    held = trained if trained < n_params else n_params
-    return held * 4 + trained * 4 * 2
+    trained = n_params if trained is None else min(trained, n_params)
+    return trained * 4 * 3
 
 
 def check_disk(root: Path, n_params: int, save_total_limit: int, say, trained: int | None = None,
