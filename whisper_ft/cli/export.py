@@ -34,9 +34,12 @@ QUANTIZATIONS = {
     # float32 ggml files load, but whisper.cpp's CPU kernels (pywhispercpp 1.5.1) abort on them: F16 asserts.
     "ggml": ("float16",),
     "openai": ("float16", "float32"),
+    # onnx writes float32 and int8 (onnxruntime dynamic quantization of the MatMuls) side by side.
+    "onnx": ("float32",),
 }
-RUNTIME_PACKAGE = {"ctranslate2": "ctranslate2", "ggml": "pywhispercpp", "openai": "openai-whisper"}
-SUFFIX = {"ctranslate2": "ct2", "ggml": "ggml", "openai": "openai"}
+RUNTIME_PACKAGE = {"ctranslate2": "ctranslate2", "ggml": "pywhispercpp", "openai": "openai-whisper",
+                   "onnx": "sherpa-onnx"}
+SUFFIX = {"ctranslate2": "ct2", "ggml": "ggml", "openai": "openai", "onnx": "onnx"}
 EXTRA_FILES = ("tokenizer.json", "preprocessor_config.json")
 
 
@@ -62,10 +65,17 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def require(fmt: str):
     """Import the runtime of fmt, or say which pip install brings it."""
-    module = {"ctranslate2": "ctranslate2", "ggml": "pywhispercpp", "openai": "whisper"}[fmt]
+    modules = {"ctranslate2": ["ctranslate2"], "ggml": ["pywhispercpp"], "openai": ["whisper"],
+               # the ONNX graphs are traced from openai-whisper's modules; onnx and onnxruntime write and quantize
+               "onnx": ["sherpa_onnx", "whisper", "onnx", "onnxruntime"]}[fmt]
     try:
-        return __import__(module)
+        for module in modules:
+            __import__(module)
     except ImportError:
+        if fmt == "onnx":
+            raise ExportError("--format onnx needs sherpa-onnx, openai-whisper, onnx and onnxruntime: pip install "
+                              "sherpa-onnx openai-whisper onnx onnxruntime (or pip install -r "
+                              "requirements-export.txt)") from None
         raise ExportError(f"the {RUNTIME_PACKAGE[fmt]} package is not installed: pip install "
                           f"{RUNTIME_PACKAGE[fmt]} (or pip install -r requirements-export.txt)") from None
 
@@ -78,6 +88,9 @@ def usage(fmt: str, out: Path) -> str:
                 f"  pywhispercpp.model.Model({str(out / 'ggml-model.bin')!r}).transcribe('audio.wav')",
         "openai": f"whisper audio.mp3 --model {out}/model.pt   (openai-whisper), or\n"
                   f"  whisper.load_model({str(out / 'model.pt')!r}).transcribe('audio.mp3')",
+        "onnx": f"sherpa_onnx.OfflineRecognizer.from_whisper(encoder='{out}/encoder.onnx', "
+                f"decoder='{out}/decoder.onnx', tokens='{out}/tokens.txt')   (encoder.int8.onnx, "
+                "decoder.int8.onnx: int8)",
     }[fmt]
 
 
@@ -124,10 +137,13 @@ def load(model: str):
 
 def export_weights(model: str, tmp: Path, fmt: str, quantization: str) -> dict:
     from whisper_ft.export_ggml import export_ggml
+    from whisper_ft.export_onnx import export_onnx
     from whisper_ft.export_openai import export_openai
 
     hf, processor = load(model)
     try:
+        if fmt == "onnx":
+            return export_onnx(hf, processor, tmp)
         if fmt == "ggml":
             return export_ggml(hf, processor, tmp, half=quantization == "float16")
         return export_openai(hf, tmp, half=quantization == "float16")
@@ -190,7 +206,8 @@ def reference(model: str, files: list[Path], language: str, max_new_tokens: int)
     return hf, processor, audios, features.numpy(), kwargs, texts
 
 
-def runtime_texts(fmt: str, exported: Path, hf, processor, audios, features, kwargs, max_new_tokens) -> list[str]:
+def runtime_texts(fmt: str, exported: Path, hf, processor, audios, features, kwargs, max_new_tokens,
+                  int8: bool = False) -> list[str]:
     import numpy as np
 
     tokenizer = processor.tokenizer
@@ -216,6 +233,19 @@ def runtime_texts(fmt: str, exported: Path, hf, processor, audios, features, kwa
                                 kwargs.get("task", "transcribe"), max_new_tokens,
                                 list(gen.suppress_tokens or []), 220 in (gen.begin_suppress_tokens or []))
         return decode(ids)
+    if fmt == "onnx":
+        from whisper_ft.export_onnx import greedy_onnxruntime
+
+        gen = hf.generation_config
+        tokenizer.set_prefix_tokens(language=kwargs.get("language"), task=kwargs.get("task"),
+                                    predict_timestamps=False)
+        return decode(greedy_onnxruntime(exported, features, tokenizer.prefix_tokens, gen.eos_token_id,
+                                         max_new_tokens, list(gen.suppress_tokens or []),
+                                         list(gen.begin_suppress_tokens or []), int8=int8))
+    if fmt == "sherpa-onnx":
+        from whisper_ft.export_onnx import transcribe_onnx
+
+        return transcribe_onnx(exported, audios, kwargs.get("language"), int8=int8)
     from whisper_ft.export_ggml import transcribe_ggml
 
     return transcribe_ggml(exported, audios, kwargs.get("language"), max_new_tokens)
@@ -233,28 +263,38 @@ def word_error_rate(ref: list[str], hyp: list[str]) -> float:
 def verify(model: str, fmt: str, exported: Path, files: list[Path], exact: bool, language: str = "",
            max_new_tokens: int = 128) -> int:
     hf, processor, audios, features, kwargs, ours = reference(model, files, language, max_new_tokens)
-    try:
-        theirs = runtime_texts(fmt, exported, hf, processor, audios, features, kwargs, max_new_tokens)
-    except ExportError:
-        raise
-    except Exception as e:  # a runtime that cannot load or run the export: say so, never a traceback
-        raise ExportError(f"the {RUNTIME_PACKAGE[fmt]} runtime failed on the export: "
-                          f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}") from None
-    differ = [(f, a, b) for f, a, b in zip(files, ours, theirs) if a != b]
-    print(f"whisper-ft export: {len(files) - len(differ)} of {len(files)} clips transcribed the same by "
-          f"transformers and the export; WER of the export against transformers "
-          f"{100 * word_error_rate(ours, theirs):.1f}%", file=sys.stderr)
-    for f, a, b in zip(files, ours, theirs):
-        mark = "  " if a == b else "! "
-        print(f"{mark}{f}\n    transformers: {a}\n    {fmt + ':':13} {b}", file=sys.stderr)
-    if differ and exact:
-        print("whisper-ft export: a float32 export must transcribe exactly like the model; it does not",
-              file=sys.stderr)
-        return Exit.ERROR
-    if differ:
-        print("whisper-ft export: float16 or quantized weights can change a few words; compare with "
-              "--quantization float32", file=sys.stderr)
-    return Exit.OK
+    # onnx: the float32 pair is held to exact, the int8 pair written beside it is only reported.
+    # onnx: the graphs in onnxruntime on transformers' features must agree exactly (float32); sherpa-onnx
+    # (its own log-mel, and the encoder fed the clip plus 10 s of zero features rather than a 30-s window:
+    # its design, see docs/deploy.md) and the int8 pair are reported.
+    variants = [(fmt, fmt, False, exact)]
+    if fmt == "onnx":
+        variants = [("onnx (onnxruntime)", "onnx", False, exact), ("onnx int8 (onnxruntime)", "onnx", True, False),
+                    ("sherpa-onnx", "sherpa-onnx", False, False), ("sherpa-onnx int8", "sherpa-onnx", True, False)]
+    failed = False
+    for label, runtime, int8, must_agree in variants:
+        try:
+            theirs = runtime_texts(runtime, exported, hf, processor, audios, features, kwargs, max_new_tokens, int8)
+        except ExportError:
+            raise
+        except Exception as e:  # a runtime that cannot load or run the export: say so, never a traceback
+            raise ExportError(f"the {RUNTIME_PACKAGE[fmt]} runtime failed on the export: "
+                              f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}") from None
+        differ = [(f, a, b) for f, a, b in zip(files, ours, theirs) if a != b]
+        print(f"whisper-ft export: {len(files) - len(differ)} of {len(files)} clips transcribed the same by "
+              f"transformers and the {label} export; WER of the export against transformers "
+              f"{100 * word_error_rate(ours, theirs):.1f}%", file=sys.stderr)
+        for f, a, b in zip(files, ours, theirs):
+            mark = "  " if a == b else "! "
+            print(f"{mark}{f}\n    {'transformers:':{len(label) + 1}} {a}\n    {label + ':'} {b}", file=sys.stderr)
+        if differ and must_agree:
+            print(f"whisper-ft export: a float32 {label} export must transcribe exactly like the model; it does not",
+                  file=sys.stderr)
+            failed = True
+        elif differ:
+            print("whisper-ft export: float16 or quantized weights can change a few words; compare with "
+                  "--quantization float32", file=sys.stderr)
+    return Exit.ERROR if failed else Exit.OK
 
 
 if __name__ == "__main__":
