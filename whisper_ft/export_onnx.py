@@ -92,7 +92,8 @@ def _modules():
 def metadata(model, tokenizer) -> dict:
     vocab = tokenizer.get_vocab()
     gen = model.generation_config
-    lang_to_id = dict(getattr(gen, "lang_to_id", None) or {})
+    # In id order, as openai's tokenizer lists them (generation configs store them sorted by name).
+    lang_to_id = dict(sorted((getattr(gen, "lang_to_id", None) or {}).items(), key=lambda kv: kv[1]))
     multilingual = bool(lang_to_id)
     sot = vocab["<|startoftranscript|>"]
     sot_sequence = [sot] + ([lang_to_id.get("<|en|>", min(lang_to_id.values())), vocab["<|transcribe|>"]]
