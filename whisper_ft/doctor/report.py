@@ -95,7 +95,9 @@ def markdown(r: dict) -> str:
     if skipped:
         lines += ["", "Skipped by training (the loop's own reasons): "
                   + ", ".join(f"{n} {k}" for k, n in skipped.items()) + "."]
-    lines += ["", "![durations](durations.png)", "", "![speaking rate](speaking_rate.png)", ""]
+    if not r["plots"]:
+        lines += ["", "(No plots: matplotlib is not installed; `pip install matplotlib` draws them.)"]
+    lines += [f"\n![{name[:-4]}]({name})\n" for name in r["plots"] if name != "scores.png"]
     if r.get("model"):
         m = r["model"]
         lines += ["## The model", "", f"`{m['name']}`: {m['samples']} samples in {m['seconds']:.0f} s "
@@ -103,7 +105,7 @@ def markdown(r: dict) -> str:
                   "| split | WER | CER | samples |", "|---|---|---|---|"]
         lines += [f"| {s} | {w.get('wer', '')} | {w.get('cer', '')} | {w.get('samples', '')} |"
                   for s, w in m["wer_per_split"].items()]
-        lines += ["", "![scores](scores.png)", ""]
+        lines += ["", "![scores](scores.png)", ""] if "scores.png" in r["plots"] else [""]
     lines += ["## Findings", "", "| reason | samples | first |", "|---|---|---|"]
     lines += [f"| {_cell(k)} | {f['count']} | {_cell(', '.join(f['samples'][:3]))} |" for k, f in r["findings"].items()]
     if not r["findings"]:
