@@ -56,7 +56,7 @@ def draw(samples: list[dict], rate_limits: dict, out: Path) -> list[str]:
             ax.scatter([100 * x["scores"]["cer"] for x in group], [x["scores"]["margin"] for x in group], s=12,
                        label=f"{label} ({len(group)})", color=color)
         ax.set_xlabel("CER against the model's transcript (%)")
-        ax.set_ylabel("loss margin: given transcript - model's own (per token)")
+        ax.set_ylabel("loss margin per token")
         ax.legend()
         fig.tight_layout()
         fig.savefig(out / "scores.png", dpi=100)
