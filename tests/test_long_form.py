@@ -61,6 +61,7 @@ def before_after(tiny_model, learned_run, tmp_path_factory):
     return {name: long_form(cfg, tmp, model, LONG)[1] for name, model in (("base", tiny_model), ("tuned", out))}
 
 
+@pytest.mark.slow
 def test_long_clip_report_before_and_after_fine_tuning(before_after):
     duration = len(decode_audio(Record("long", "", str(LONG)))) / 16000
     reference = clean_text(LONG.with_suffix(".txt").read_text())

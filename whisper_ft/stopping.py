@@ -117,8 +117,10 @@ class GracefulStop:
 
     def check(self, step: int, anywhere: bool) -> None:
         """Save and stop after `step` when `anywhere`: whether any process was signalled, as every process learnt
-        it from the step's totals (batches.step_totals) rather than from a collective of its own."""
-        if anywhere:
+        it from the step's totals (batches.step_totals) rather than from a collective of its own. One process needs
+        no agreement: it stops after the step under way, not the one after, as accelerate 1.16's launcher kills it
+        5 s after passing a SIGTERM on."""
+        if anywhere or (self.flag and self.accelerator.num_processes == 1):
             self.on_stop()
             raise RunStopped(f"stopped by signal at step {step}; checkpoint saved. Rerun the same command to resume.")
 
