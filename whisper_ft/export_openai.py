@@ -68,13 +68,18 @@ def tied(model) -> bool:
     return torch.equal(model.proj_out.weight, model.model.decoder.embed_tokens.weight)
 
 
-def export_openai(model, out_dir: Path, half: bool = True) -> dict:
+def export_openai(model, out_dir: Path, half: bool = True, tokenizer=None) -> dict:
     """Write out_dir/model.pt from a WhisperForConditionalGeneration; returns what the marker records."""
     import torch
 
     if not tied(model):
         raise ValueError("the model's output projection differs from its token embedding; openai-whisper "
                          "ties the two, so this model cannot be exported to it")
+    if tokenizer is not None:
+        # openai-whisper places the special tokens by the vocabulary size, exactly as whisper.cpp does.
+        from whisper_ft.export_ggml import check_vocabulary
+
+        check_vocabulary(tokenizer, model.config.vocab_size)
     state = {}
     for name, tensor in model.state_dict().items():
         new = openai_name(name)

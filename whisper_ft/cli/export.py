@@ -52,9 +52,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", required=True, help="Whisper model folder (a run's checkpoint_dir) or Hub id")
     p.add_argument("--format", default="ctranslate2", choices=tuple(QUANTIZATIONS), help="export format")
-    p.add_argument("--quantization", default="float16",
+    p.add_argument("--quantization", default=None,
                    help="weight type; ctranslate2: " + ", ".join(QUANTIZATIONS["ctranslate2"]) +
-                        "; openai: float16 or float32; ggml: float16 (default float16)")
+                        "; openai: float16 or float32; ggml: float16; onnx: float32, with an int8 pair beside it "
+                        "(default: float16, onnx float32)")
     p.add_argument("--output-dir", default="", help="default: <model folder>-ct2, -ggml or -openai")
     p.add_argument("--force", action="store_true", help="replace a previous export of the same format there")
     p.add_argument("--verify", nargs="+", default=[], metavar="AUDIO", help="clips to transcribe with both")
@@ -97,6 +98,7 @@ def usage(fmt: str, out: Path) -> str:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     fmt = args.format
+    args.quantization = args.quantization or ("float32" if fmt == "onnx" else "float16")
     if args.quantization not in QUANTIZATIONS[fmt]:
         print(f"whisper-ft export: --quantization {args.quantization} is not one {fmt} offers; choose one of "
               + ", ".join(QUANTIZATIONS[fmt]), file=sys.stderr)
@@ -146,7 +148,7 @@ def export_weights(model: str, tmp: Path, fmt: str, quantization: str) -> dict:
             return export_onnx(hf, processor, tmp)
         if fmt == "ggml":
             return export_ggml(hf, processor, tmp, half=quantization == "float16")
-        return export_openai(hf, tmp, half=quantization == "float16")
+        return export_openai(hf, tmp, half=quantization == "float16", tokenizer=processor.tokenizer)
     except ValueError as e:
         raise ExportError(f"cannot export {model} to {fmt}: {e}") from None
     except OSError as e:
