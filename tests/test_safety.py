@@ -424,3 +424,26 @@ def test_evaluate_on_a_broken_or_adapter_model_is_a_message(case, stopped_run, t
                 "truncated weights": "SafetensorError", "another architecture": "not a Whisper's"}[case]
     assert expected in proc.stderr
     unchanged(before)
+
+
+@pytest.mark.slow
+def test_a_disk_too_small_for_one_checkpoint_is_refused_before_training(tiny_model, tmp_path):
+    """shutil.disk_usage is made to report 1 MB free in the training process (a wrapper runs train_loop.main)."""
+    out = tmp_path / "run"
+    config = tmp_path / "c.yaml"
+    config.write_text(yaml.safe_dump(base_config(tiny_model, out)))
+    before = checksums(tmp_path)
+    wrapper = (
+        "import sys, shutil, collections\n"
+        "Usage = collections.namedtuple('Usage', 'total used free')\n"
+        "shutil.disk_usage = lambda path: Usage(10**9, 10**9 - 10**6, 10**6)\n"
+        f"sys.argv = ['train_loop.py', '--config', {str(config)!r}]\n"
+        f"sys.path.insert(0, {str(ROOT)!r})\n"
+        "import train_loop\n"
+        "sys.exit(train_loop.main())\n")
+    proc = subprocess.run([sys.executable, "-c", wrapper], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 1, proc.stderr[-2000:]
+    assert "1.0 MB free under" in proc.stderr and "plus the final model" in proc.stderr
+    no_traceback(proc)
+    unchanged(before)
+    assert not list(out.glob("checkpoint-*"))
