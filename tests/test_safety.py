@@ -447,3 +447,40 @@ def test_a_disk_too_small_for_one_checkpoint_is_refused_before_training(tiny_mod
     no_traceback(proc)
     unchanged(before)
     assert not list(out.glob("checkpoint-*"))
+
+
+def test_a_delimiter_that_does_not_match_the_extension_and_a_missing_path_are_named(tmp_path):
+    from whisper_ft.data import DataError
+    from whisper_ft.sources import load_records
+
+    (tmp_path / "m.tsv").write_text("path,text,split\na.wav,hello,train\n")
+    (tmp_path / "m.csv").write_text("path\ttext\tsplit\na.wav\thello\ttrain\n")
+    with pytest.raises(DataError, match=r"named \.tsv but its header is comma-separated .*rename it to m\.csv"):
+        load_records(str(tmp_path / "m.tsv"), "train")
+    with pytest.raises(DataError, match=r"named \.csv but its header is tab-separated .*rename it to m\.tsv"):
+        load_records(str(tmp_path / "m.csv"), "train")
+    with pytest.raises(DataError, match="does not exist: no such file or folder"):
+        load_records(str(tmp_path / "corpora" / "mine"), "train")
+
+
+def test_models_that_cannot_be_whisper_are_named_without_random_weights(tiny_model, tmp_path, monkeypatch):
+    from safetensors.torch import save_file
+    import torch
+
+    from whisper_ft.languages import resolve
+    from whisper_ft.model import ModelError, load_whisper
+
+    en = resolve("en")
+    with pytest.raises(ModelError, match="no such folder"):
+        load_whisper(str(tmp_path / "models" / "mine"), en, "transcribe")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(ModelError, match="not in the model cache and HF_HUB_OFFLINE=1"):
+        load_whisper("someone/whisper-not-cached", en, "transcribe")
+    other = Path(shutil.copytree(tiny_model, tmp_path / "other"))
+    save_file({"wav2vec2.encoder.layer.0.weight": torch.zeros(4, 4)}, str(other / "model.safetensors"))
+    with pytest.raises(ModelError, match="not a Whisper's"):
+        load_whisper(str(other), en, "transcribe")
+    data = (tiny_model / "model.safetensors").read_bytes()
+    (other / "model.safetensors").write_bytes(data[: len(data) // 2])
+    with pytest.raises(ModelError, match="SafetensorError"):
+        load_whisper(str(other), en, "transcribe")
