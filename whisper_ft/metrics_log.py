@@ -87,8 +87,9 @@ def eval_summary(metrics: dict[str, Any], sets: list[str] | None) -> str:
     shown = ("wer", "cer", "wer_ortho", "loss")
     if not sets:
         return ", ".join(f"{k} {metrics['eval_' + k]:.2f}" for k in shown if "eval_" + k in metrics)
-    return "; ".join(f"{name}: " + ", ".join(f"{k} {metrics[f'eval/{name}/{k}']:.2f}" for k in shown
-                                             if f"eval/{name}/{k}" in metrics) for name in sets)
+    return "; ".join(f"{name}: " + (", ".join(f"{k} {metrics[f'eval/{name}/{k}']:.2f}" for k in shown
+                                              if f"eval/{name}/{k}" in metrics) or "no usable sample")
+                     for name in sets)
 
 
 def samples_table(rows: list[dict[str, str]]) -> str:
