@@ -53,7 +53,7 @@ class Env:
         path.mkdir(parents=True)
         return path
 
-    def config(self, where: Path, out: Path, **overrides) -> Path:
+    def config(self, where: Path, out: Path, name: str = "train.yaml", **overrides) -> Path:
         cfg = {"lang": "en", "whisper_pretrained": str(self.model), "checkpoint_dir": str(out),
                "dataset_name": str(self.root / "tests" / "data" / "cv-en"), "train_split": "train",
                "eval_split": "dev", "per_device_train_batch_size": 4, "per_device_eval_batch_size": 8,
@@ -62,7 +62,7 @@ class Env:
                "dataloader_num_workers": 0, "report_to": "none", "eval_at_start": False,
                "predict_with_generate": False, "metric_for_best_model": "loss", "max_eval_samples": 4}
         cfg.update(overrides)
-        path = where / "train.yaml"
+        path = where / name
         path.write_text("# my own commented config\n" + yaml.safe_dump(cfg), encoding="utf-8")
         return path
 
@@ -90,7 +90,7 @@ def run(env: Env, argv: list[str], extra: dict) -> subprocess.CompletedProcess:
 def checksums(folders: list[Path]) -> dict[str, str]:
     out = {}
     for folder in folders:
-        for p in sorted(Path(folder).rglob("*")) if Path(folder).is_dir() else []:
+        for p in sorted(Path(folder).rglob("*")) if Path(folder).is_dir() else [Path(folder)]:
             if p.is_file() and "__pycache__" not in p.parts:
                 out[str(p)] = hashlib.sha256(p.read_bytes()).hexdigest()
     return out
@@ -107,12 +107,12 @@ def _into_model(env):
 def _into_config_folder(env):
     where = env.folder("into-config-folder")
     (where / "notes.md").write_text("my notes\n")
-    return env.train(env.config(where, where)), [where], {}
+    return env.train(env.config(where, where, name="config.yaml")), [where], {}
 
 
 def _into_repo(env):
     where = env.folder("into-repo")
-    return env.train(env.config(where, env.root)), [env.root / "README.md", env.root / "whisper_ft", where], {}
+    return env.train(env.config(where, env.root)), [env.root / "README.md", env.root / "config.yaml", env.root / "whisper_ft", where], {}
 
 
 def _into_other_model(env):
