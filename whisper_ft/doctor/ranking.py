@@ -3,8 +3,10 @@
 Without a model, samples with findings are ordered by how bad their worst finding is (SEVERITY). With a model,
 the samples whose transcript the model finds unlikely come first: those are the mislabelled ones (a
 transcript of another clip, a sentence missing), which no other check can find. A sample's suspicion is the
-mean of its percentile ranks by CER against the model's transcript and by the loss margin: the model's loss
-per token on the given transcript minus its loss on its own transcript. The margin, not the loss itself, tells
+geometric mean of its percentile ranks by CER against the model's transcript and by the loss margin: the model's loss
+per token on the given transcript minus its loss on its own transcript. The geometric mean asks both to be high: a transcript with a word the model has never
+seen ("1" for "one") has a large margin but a small CER, and a clip the model misreads a large CER but a small
+margin. The margin, not the loss itself, tells
 a mislabelled clip (its own transcript likely, the given one not) from a clip the model reads badly (every
 transcript unlikely: an unfamiliar voice or accent). Both are measured from the median of the sample's split:
 an evaluation set of another voice or domain has its own baseline (the model may read half of it wrongly), and
@@ -14,6 +16,7 @@ that first group: its transcript is unlikely because of its audio, and the audio
 
 from __future__ import annotations
 
+import math
 import statistics
 
 MISMATCH = "transcript does not match audio"
@@ -70,7 +73,7 @@ def add_model_findings(samples: list[dict], scores: dict) -> dict:
     mad = 1.4826 * statistics.median(abs(v - median) for v in margins)
     limit = median + max(LOSS_MADS * mad, MIN_MARGIN)
     for x, c, m in zip(scored, cer_rank, margin_rank):
-        x["scores"]["suspicion"] = round((c + m) / 2, 4)
+        x["scores"]["suspicion"] = round(math.sqrt(c * m), 4)  # both must be high: a geometric mean
         cer, loss, margin = x["scores"]["cer"], x["scores"]["loss"], x["scores"]["margin"]
         if cer >= MISMATCH_CER or margin > limit:
             x["reasons"].append((MISMATCH, f"CER {100 * cer:.0f}% against the model's transcript; {loss:.2f} loss "
