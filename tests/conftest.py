@@ -50,7 +50,7 @@ def learned_run(tiny_model, tmp_path_factory):
                       max_steps=150, eval_steps=150, save_steps=150, logging_steps=10, eval_at_start=True,
                       predict_with_generate=True, generation_max_length=24, metric_for_best_model="wer",
                       eval_split="train", max_eval_samples=16)
-    proc = run_train(cfg, tmp)
+    proc = run_train(cfg, tmp, timeout=1800)  # 150 steps: minutes on 2 cores, more when they are shared
     return out, proc, cfg
 
 
