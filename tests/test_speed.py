@@ -54,10 +54,12 @@ def test_a_short_batch_is_padded_with_rows_that_change_no_loss_or_gradient(tiny_
         loss.backward()
         results.append((loss.detach(), [p.grad.clone() for p in model.parameters() if p.grad is not None]))
     (loss_short, grads_short), (loss_full, grads_full) = results
-    # the same sums over the same rows; other matrix shapes may round the last bits differently
+    # the same sums over the same rows; other matrix shapes round the last bits differently, so each
+    # gradient is compared to within 1e-5 of its own largest element (a padding row that leaked in
+    # would move it by far more; elementwise rtol fails on near-zero elements of the conv gradients)
     assert torch.allclose(loss_full, loss_short, rtol=1e-6)
     assert len(grads_full) == len(grads_short)
-    assert all(torch.allclose(a, b, rtol=1e-4, atol=1e-7) for a, b in zip(grads_full, grads_short))
+    assert all((a - b).abs().max() <= 1e-5 * b.abs().max() for a, b in zip(grads_full, grads_short))
 
 
 @pytest.mark.parametrize("args,yaml_text,expect", [
