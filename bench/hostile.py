@@ -79,6 +79,23 @@ class Env:
             raise SystemExit(f"could not make a run to break: {proc.stderr[-2000:]}")
         return config, out
 
+    def finished_run(self, name: str) -> tuple[Path, Path]:
+        """A run trained to its end (the final model in its folder) beside a sibling run: (their parent, the run).
+        Trained once per bench and copied, so each export case breaks its own copy."""
+        if not hasattr(self, "_finished"):
+            where = self.tmp / "finished"
+            where.mkdir(parents=True)
+            out = where / "run"
+            config = self.config(where, out, max_steps=3, eval_strategy="no", load_best_model_at_end=False)
+            proc = run(self, self.train(config), {})
+            if not (out / "model.safetensors").is_file():
+                raise SystemExit(f"could not make a finished run: {proc.stderr[-2000:]}")
+            self._finished = out
+        parent = self.folder(name)
+        shutil.copytree(self._finished, parent / "run")
+        shutil.copytree(self._finished, parent / "sibling-run")
+        return parent, parent / "run"
+
 
 def run(env: Env, argv: list[str], extra: dict) -> subprocess.CompletedProcess:
     full = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(env.root), "TOKENIZERS_PARALLELISM": "false",
@@ -256,6 +273,19 @@ def _evaluate_into_user_folder(env):
             str(mine)], [mine], {}
 
 
+def _export(into: str):
+    """export --model RUN --force into the run itself, its parent (which holds a sibling run), or a user's folder."""
+    def setup(env):
+        parent, model = env.finished_run("export-into-" + into)
+        out = {"run": model, "parent": parent, "folder": parent / "my-files"}[into]
+        if into == "folder":
+            out.mkdir()
+            (out / "notes.txt").write_text("mine\n")
+        return (["-m", "whisper_ft.cli.export", "--model", str(model), "--format", "ctranslate2", "--output-dir",
+                 str(out), "--force"], [parent], {})
+    return setup
+
+
 CASES = [
     Case("checkpoint_dir is the base model's folder", _into_model, r"holds the base model|not a whisper-ft run"),
     Case("checkpoint_dir is the config file's folder", _into_config_folder, r"holds the config file|not a whisper-ft run"),
@@ -285,6 +315,9 @@ CASES = [
          r"SafetensorError|truncated|incomplete"),
     Case("evaluate another architecture's weights", _evaluate(_other_architecture, "eval-other"),
          r"not a Whisper|architecture"),
+    Case("export --output-dir is the run itself, --force", _export("run"), r"is the input model"),
+    Case("export --output-dir is the run's parent, --force", _export("parent"), r"folder holding the input model"),
+    Case("export --output-dir holds the user's files, --force", _export("folder"), r"did not write"),
     Case("evaluate --output-dir holding the user's summary.json", _evaluate_into_user_folder,
          r"did not write|another --output-dir"),
 ]
