@@ -176,6 +176,8 @@ def measure(args, corpus: str, corpus_dir: Path, recipe: str) -> list[dict]:
     out, config, log = work / "run", work / "config.yaml", work / "log.txt"
     settings = run_config(args, corpus_dir, out, steps)
     settings["eval_at_start"] = bool(overrides.get("merge_base"))  # merge_base's guard needs the base's numbers
+    if not overrides.get("merge_base"):
+        settings["merge_base"] = False  # merging is the default: a recipe without it says so
     config.write_text(yaml.safe_dump(settings, sort_keys=False), encoding="utf-8")
     model = str(args.model) if recipe == "base" else str(out)
     evaluate = [sys.executable, "-m", "whisper_ft.cli.evaluate", "--config", str(config), "--model", model]
