@@ -162,8 +162,12 @@ def setup(run: Run) -> None:
     # SpecAugment, freeze_encoder, LoRA (without peft's input casts where autocast makes them redundant)
     model = trainable.setup_model(model, cfg, say, autocast=accelerator.native_amp)
     if cfg.merge_base:  # the base model's trainable weights, on the CPU: one end of the line merge_base searches
-        from whisper_ft.merge import Endpoints
-        run.endpoints = Endpoints(model)
+        from whisper_ft import merge
+        why_not = merge.unavailable(cfg, sharding.is_sharded(accelerator))
+        if why_not:
+            say(f"warning: merge_base is off for this run: {why_not}; the trained weights are exported unmerged")
+        else:
+            run.endpoints = merge.Endpoints(model)
     run.compile_on = speed.compile_wanted(cfg.torch_compile)
     run.prepare = Prepare(run.processor.feature_extractor, run.processor.tokenizer,
                           timestamp_probability=cfg.timestamp_probability, seed=cfg.seed)
@@ -486,7 +490,7 @@ def finish(run: Run) -> None:
         accelerator.load_state(str(out / f"checkpoint-{state.best_step}"))
         run.say(f"best {cfg.metric_for_best_model} {state.best_metric:.2f} was at step {state.best_step}; "
                 "exporting that model")
-    if cfg.merge_base:
+    if run.endpoints is not None:  # merge_base, where it can run
         merge_with_base(run)
     # FSDP and ZeRO-3 shard the weights: gather them whole, on every process (LoRA is refused with both)
     full = accelerator.get_state_dict(run.model) if sharding.is_sharded(accelerator) else None

@@ -35,6 +35,9 @@ python - <<'PY'
 import json
 rows = [json.loads(l) for l in open("demo-run/output/metrics.jsonl")]
 evals = [r for r in rows if "eval_wer" in r]
-print(f"demo: WER {evals[0]['eval_wer']:.1f}% at step {evals[0]['step']} -> "
-      f"{min(r['eval_wer'] for r in evals[1:]):.1f}% best after fine-tuning (metrics: demo-run/output/metrics.jsonl)")
+merged = [r for r in evals if "merge_alpha" in r]  # merge_base's pick is what was exported
+after, how = (merged[-1], f"exported, merged with the base at alpha {merged[-1]['merge_alpha']:g}") if merged else \
+    (min(evals[1:], key=lambda r: r["eval_wer"]), "best step, exported")
+print(f"demo: WER {evals[0]['eval_wer']:.1f}% at step {evals[0]['step']} -> {after['eval_wer']:.1f}% after "
+      f"fine-tuning ({how}; metrics: demo-run/output/metrics.jsonl)")
 PY

@@ -62,7 +62,7 @@ def base_config(model: Path, out: Path, **overrides) -> dict:
            "eval_steps": 3, "save_steps": 3, "logging_steps": 1, "gradient_checkpointing": False,
            "fp16": False, "bf16": False,
            "dataloader_num_workers": 0, "report_to": "none", "eval_at_start": False, "predict_with_generate": False,
-           "metric_for_best_model": "loss"}
+           "metric_for_best_model": "loss", "merge_base": False}  # merging has its own tests (test_merge.py)
     cfg.update(overrides)
     return cfg
 

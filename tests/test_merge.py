@@ -162,3 +162,27 @@ def test_lora_merges_the_same_in_two_processes_as_in_one(tiny_model, tmp_path):
         assert x["alpha"] == y["alpha"] and all(abs(x[s] - y[s]) <= 1e-4 * abs(y[s]) for s in ("dev", "general"))
     a, b = load_file(two / "model.safetensors"), load_file(one / "model.safetensors")
     assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], rtol=1e-4, atol=1e-6) for k in a)
+
+
+def test_merge_base_is_on_by_default_and_says_where_it_cannot_run():
+    from whisper_ft.config import Config
+
+    cfg = Config()
+    assert cfg.merge_base and merge.unavailable(cfg, sharded=False) == ""
+    assert "FSDP" in merge.unavailable(cfg, sharded=True)
+    cfg.eval_strategy = "no"
+    assert "eval_strategy is no" in merge.unavailable(cfg, sharded=False)
+
+
+@pytest.mark.slow
+def test_without_evaluation_the_default_merge_is_skipped_with_a_warning_and_the_trained_weights_exported(
+        tiny_model, tmp_path):
+    out = tmp_path / "run"
+    cfg = base_config(tiny_model, out, max_steps=2, save_steps=2, eval_strategy="no", load_best_model_at_end=False)
+    del cfg["merge_base"]  # the default
+    proc = run_train(cfg, tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "merge_base is off for this run: it picks its alpha by evaluating, and eval_strategy is no" in proc.stderr
+    assert not [r for r in metrics(out) if "merge_alpha" in r]
+    exported, tuned = load_file(out / "model.safetensors"), load_file(out / "checkpoint-2" / "model.safetensors")
+    assert exported.keys() == tuned.keys() and all(torch.equal(exported[k], tuned[k]) for k in exported)

@@ -101,7 +101,7 @@ class Config:
     mask_feature_prob: float = setting(0.0, "SpecAugment: share of mel bins masked (in spans of mask_feature_length)")
     mask_feature_length: int = setting(10, "SpecAugment: mel bins per feature mask")
     # --- keeping what the base model knew ----------------------------------------------------
-    merge_base: bool = setting(False, "at the end, average the weights with the base model's at the alpha that evaluates best (WiSE-FT)")
+    merge_base: bool = setting(True, "at the end, average the weights with the base model's at the alpha that evaluates best (WiSE-FT)")
     merge_domain_weight: float = setting(1.0, "merge_base: weight of the first evaluation set (the domain's) in the mean over the sets")
     merge_max_wer_increase: float = setting(1.0, "merge_base: how much worse than the base model every other evaluation set may get (points)")
     replay_dataset: str = setting("", "general speech mixed into training (same forms as dataset_name); empty = none")
@@ -420,9 +420,6 @@ def validate(cfg: Config) -> list[str]:
         problems.append(f"timestamp_probability must be between 0 and 1, not {cfg.timestamp_probability}")
     if not 0 <= cfg.max_bad_sample_fraction <= 1:
         problems.append(f"max_bad_sample_fraction must be between 0 and 1, not {cfg.max_bad_sample_fraction}")
-    if cfg.merge_base and cfg.eval_strategy == "no":
-        problems.append("merge_base picks its alpha by evaluating: set eval_strategy: steps (and eval_sets, with a "
-                        "general-speech guard set after the domain's)")
     if cfg.merge_domain_weight <= 0:
         problems.append(f"merge_domain_weight must be above 0, not {cfg.merge_domain_weight}")
     if cfg.merge_max_wer_increase < 0:

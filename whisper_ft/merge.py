@@ -40,6 +40,16 @@ class Endpoints:
                 params[name].copy_(value.to(params[name].dtype))
 
 
+def unavailable(cfg, sharded: bool) -> str:
+    """Why merge_base cannot run with these settings ('' when it can): the run then exports the trained weights
+    unmerged and says so at the start, rather than refusing a default."""
+    if cfg.eval_strategy == "no":
+        return "it picks its alpha by evaluating, and eval_strategy is no"
+    if sharded:  # each alpha rewrites the whole weights, which FSDP and ZeRO-3 hold in shards
+        return "it is not supported with FSDP or DeepSpeed ZeRO-3 (ZeRO-2 and plain data parallelism merge)"
+    return ""
+
+
 def score(row: dict[str, float], domain: str, guards: list[str], domain_weight: float) -> float:
     """The mean metric over the sets, the domain's weighted by merge_domain_weight."""
     return (domain_weight * row[domain] + sum(row[g] for g in guards)) / (domain_weight + len(guards))

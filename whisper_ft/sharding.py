@@ -48,9 +48,6 @@ def launch_problems(cfg, env: Mapping[str, str]) -> list[str]:
                         "(generation on sharded weights can hang); set predict_with_generate: false and "
                         "metric_for_best_model: loss, and measure WER on the final model with whisper_ft.cli.evaluate "
                         "(or train with DeepSpeed ZeRO-2 or plain data parallelism)")
-    if (fsdp or zero3) and getattr(cfg, "merge_base", False):
-        problems.append(f"merge_base is not supported with {'FSDP' if fsdp else 'DeepSpeed ZeRO-3'}: it rewrites the "
-                        "whole weights for each alpha it evaluates; use DeepSpeed ZeRO-2 or plain data parallelism")
     if ds and getattr(cfg, "optim", "adamw_torch") != "adamw_torch":
         problems.append(f"optim {cfg.optim} is not supported under DeepSpeed, which partitions the optimizer "
                         "state itself; use optim: adamw_torch")
