@@ -60,6 +60,7 @@ RECIPES: dict[str, dict] = {
     "merge": {"merge_base": True},
     "replay": {"replay_dataset": "{corpus}/replay", "replay_fraction": 0.25},
     "frozen-encoder-merge": {"freeze_encoder": True, "merge_base": True},
+    "replay-merge": {"replay_dataset": "{corpus}/replay", "replay_fraction": 0.25, "merge_base": True},
 }
 
 
