@@ -56,7 +56,7 @@ def main() -> int:
     config = work / "config.yaml"
     config.write_text(yaml.safe_dump({"lang": "en", "whisper_pretrained": str(args.model),
                                       "dataset_name": str(manifest), "train_split": "train",
-                                      "eval_strategy": "no"}), encoding="utf-8")
+                                      "eval_strategy": "no", "load_best_model_at_end": False}), encoding="utf-8")
     start = time.perf_counter()
     proc = subprocess.run([sys.executable, "-m", "whisper_ft.cli.inspect", "--config", str(config), "--with-model",
                            "--output-dir", str(work / "report")], cwd=ROOT, capture_output=True, text=True,
