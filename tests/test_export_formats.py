@@ -21,24 +21,36 @@ CLIPS = [CV_EN / "clips" / f"common_voice_en_{i:06d}.mp3" for i in (1, 2, 9, 25)
 NEW_TOKENS = 16
 
 
-def whisper_layout_model(out: Path, num_mel_bins: int = 80) -> Path:
-    """A tiny multilingual Whisper with Whisper's real vocabulary layout (51866 ids, large-v3's: the BPE fills
-    ids up to <|endoftext|> at 50257), which whisper.cpp and openai-whisper assume; larger random weights so
-    the output depends on the audio; language and task set, as in a fine-tuned model."""
+def whisper_layout_model(out: Path, num_mel_bins: int = 80, english_only: bool = False) -> Path:
+    """A tiny Whisper with Whisper's real vocabulary layout, which whisper.cpp, openai-whisper and sherpa-onnx
+    assume: multilingual with large-v3's 51866 ids (the BPE fills ids up to <|endoftext|> at 50257, then 100
+    languages), or English-only with tiny.en's 51864 (<|endoftext|> at 50256, then the first checkpoints' 99
+    languages, which *.en tokenizers keep though the model never uses them). Larger random weights so the
+    output depends on the audio; language and task set in the multilingual one, as in a fine-tuned model."""
     from transformers import WhisperForConditionalGeneration
 
     from whisper_ft import tiny
 
     texts = tiny.texts_from_tsv(CV_EN / "validated.tsv") + tiny.texts_from_tsv(CV_AS / "train.tsv")
-    tiny.build(out, texts, vocab_size=51866, num_mel_bins=num_mel_bins)
+    if english_only:
+        with pytest.MonkeyPatch.context() as mp:  # the 99 languages before <|yue|> was added
+            mp.setattr(tiny, "LANGUAGES", {k: v for k, v in tiny.LANGUAGES.items() if k != "yue"})
+            tiny.build(out, texts, vocab_size=51864, num_mel_bins=num_mel_bins)
+    else:
+        tiny.build(out, texts, vocab_size=51866, num_mel_bins=num_mel_bins)
     model = WhisperForConditionalGeneration.from_pretrained(out)
     g = torch.Generator().manual_seed(1)
     with torch.no_grad():
         for name, p in model.named_parameters():
             if p.ndim >= 2 and "embed_positions" not in name:
                 p.copy_(torch.randn(p.shape, generator=g) * 0.3)
-    model.generation_config.language, model.generation_config.task = "en", "transcribe"
-    model.generation_config.alignment_heads = [[1, 0], [1, 3]]
+    gen = model.generation_config
+    if english_only:  # as whisper-tiny.en's generation config: no language or task ids
+        gen.is_multilingual = False
+        del gen.lang_to_id, gen.task_to_id
+    else:
+        gen.language, gen.task = "en", "transcribe"
+    gen.alignment_heads = [[1, 0], [1, 3]]
     model.save_pretrained(out)
     return out
 
@@ -51,6 +63,20 @@ def model80(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def model128(tmp_path_factory) -> Path:
     return whisper_layout_model(tmp_path_factory.mktemp("m128") / "model", num_mel_bins=128)
+
+
+@pytest.fixture(scope="module")
+def model_en(tmp_path_factory) -> Path:
+    return whisper_layout_model(tmp_path_factory.mktemp("men") / "model", english_only=True)
+
+
+@pytest.fixture
+def layout_model(request) -> Path:
+    """The layout model a test is parametrized with (indirect): "80", "128" (multilingual) or "en"."""
+    return request.getfixturevalue({"80": "model80", "128": "model128", "en": "model_en"}[request.param])
+
+
+LAYOUTS = ["en", "80", "128"]
 
 
 def run(*args, capsys=None) -> tuple[int, str]:
@@ -66,10 +92,10 @@ def checksums(folder: Path) -> dict[str, str]:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("bins", [80, 128])
-def test_openai_export_loads_and_transcribes_like_transformers(bins, model80, model128, tmp_path, capsys):
+@pytest.mark.parametrize("layout_model", LAYOUTS, indirect=True)
+def test_openai_export_loads_and_transcribes_like_transformers(layout_model, tmp_path, capsys):
     whisper = pytest.importorskip("whisper")
-    model = model80 if bins == 80 else model128
+    model = layout_model
     out = tmp_path / "oa"
     code, err = run("--model", model, "--format", "openai", "--quantization", "float32", "--output-dir", out,
                     "--verify", *CLIPS, "--max-new-tokens", NEW_TOKENS, capsys=capsys)
@@ -78,8 +104,11 @@ def test_openai_export_loads_and_transcribes_like_transformers(bins, model80, mo
     loaded = whisper.load_model(str(out / "model.pt"), device="cpu")
     cfg = json.loads((model / "config.json").read_text())
     assert (loaded.dims.n_mels, loaded.dims.n_vocab, loaded.dims.n_text_layer) == \
-        (bins, 51866, cfg["decoder_layers"])
-    assert loaded.is_multilingual and loaded.num_languages == 100
+        (cfg["num_mel_bins"], cfg["vocab_size"], cfg["decoder_layers"])
+    if cfg["vocab_size"] == 51864:
+        assert not loaded.is_multilingual
+    else:
+        assert loaded.is_multilingual and loaded.num_languages == 100
     # The alignment heads in openai's own encoding: set_alignment_heads accepts them.
     loaded.set_alignment_heads(torch.load(out / "model.pt", weights_only=True)["alignment_heads"])
     assert loaded.alignment_heads.to_dense().nonzero().tolist() == [[1, 0], [1, 3]]
@@ -104,6 +133,32 @@ def test_verify_fails_when_the_export_transcribes_differently(model80, tmp_path,
     assert verify(str(model80), "openai", out, CLIPS[:2], exact=True, max_new_tokens=NEW_TOKENS) == 1
     err = capsys.readouterr().err
     assert "0 of 2 clips transcribed the same" in err and "must transcribe exactly" in err
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("fmt", ["openai", "onnx"])
+def test_verify_exit_status_catches_an_exporter_that_writes_wrong_weights(fmt, model80, tmp_path, capsys, monkeypatch):
+    """The command itself exits 1 when the float32 file it wrote transcribes differently: here an exporter
+    with a bug (the decoder's final layer norm negated before writing)."""
+    pytest.importorskip("whisper")
+    if fmt == "onnx":
+        pytest.importorskip("onnxruntime")
+        pytest.importorskip("sherpa_onnx")
+    import importlib
+
+    module = importlib.import_module(f"whisper_ft.export_{fmt}")
+    original = getattr(module, f"export_{fmt}")
+
+    def buggy(model, *args, **kwargs):
+        with torch.no_grad():
+            model.model.decoder.layer_norm.weight.mul_(-1.0)
+        return original(model, *args, **kwargs)
+
+    monkeypatch.setattr(module, f"export_{fmt}", buggy)
+    code, err = run("--model", model80, "--format", fmt, "--quantization", "float32", "--output-dir", tmp_path / "o",
+                    "--verify", *CLIPS[:2], "--max-new-tokens", NEW_TOKENS, capsys=capsys)
+    assert code == 1 and "must transcribe exactly like the model; it does not" in err
+    assert "0 of 2 clips transcribed the same" in err and "Traceback" not in err
 
 
 def read_ggml(path: Path) -> tuple[list[int], np.ndarray, list[bytes], dict[str, tuple[int, tuple]]]:
@@ -136,9 +191,8 @@ def read_ggml(path: Path) -> tuple[list[int], np.ndarray, list[bytes], dict[str,
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("bins", [80, 128])
-def test_ggml_export_has_the_model_filters_vocabulary_and_loads_in_whisper_cpp(bins, model80, model128, tmp_path,
-                                                                                capsys):
+@pytest.mark.parametrize("layout_model", LAYOUTS, indirect=True)
+def test_ggml_export_has_the_model_filters_vocabulary_and_loads_in_whisper_cpp(layout_model, tmp_path, capsys):
     whisper = pytest.importorskip("whisper")
     pytest.importorskip("pywhispercpp")
     from transformers import WhisperTokenizer
@@ -146,24 +200,25 @@ def test_ggml_export_has_the_model_filters_vocabulary_and_loads_in_whisper_cpp(b
     from whisper_ft.export_ggml import transcribe_ggml
     from whisper_ft.transcription import load_audio
 
-    model = model80 if bins == 80 else model128
+    model = layout_model
     out = tmp_path / "gg"
     code, err = run("--model", model, "--format", "ggml", "--output-dir", out, capsys=capsys)
     assert code == 0, err[-3000:]
     hp, filters, words, tensors = read_ggml(out / "ggml-model.bin")
     cfg = json.loads((model / "config.json").read_text())
-    assert hp[0] == 0x67676D6C and hp[1] == 51866 and hp[10] == bins and hp[11] == 1
+    bins, n_vocab = cfg["num_mel_bins"], cfg["vocab_size"]
+    assert hp[0] == 0x67676D6C and hp[1] == n_vocab and hp[10] == bins and hp[11] == 1
     # openai's own filter bank (librosa Slaney filters, shipped with openai-whisper) as the independent reference
     with np.load(Path(whisper.__file__).parent / "assets" / "mel_filters.npz") as f:
         np.testing.assert_allclose(filters, f[f"mel_{bins}"], atol=1e-6)
     tok = WhisperTokenizer.from_pretrained(model)
     eot = tok.convert_tokens_to_ids("<|endoftext|>")
-    assert len(words) == eot == 50257
+    assert len(words) == eot == (50256 if n_vocab == 51864 else 50257)
     merged = [i for i in range(256, 600) if "\ufffd" not in tok.convert_tokens_to_string([tok.convert_ids_to_tokens(i)])]
     assert len(merged) > 100
     for i in merged:  # the model's own BPE tokens (merges, whole characters), as the bytes they stand for
         assert words[i] == tok.convert_tokens_to_string([tok.convert_ids_to_tokens(i)]).encode()
-    assert tensors["decoder.token_embedding.weight"] == (1, (cfg["d_model"], 51866))
+    assert tensors["decoder.token_embedding.weight"] == (1, (cfg["d_model"], n_vocab))
     assert tensors["encoder.positional_embedding"][0] == 0  # whisper.cpp reads these in float32
     assert "decoder.proj.weight" not in tensors  # tied to the token embedding
     # whisper.cpp loads it and detokenizes with the model's vocabulary: every word is one of the BPE's.

@@ -64,3 +64,28 @@ def test_onnx_export_loads_in_sherpa_onnx_and_its_graphs_transcribe_like_transfo
         texts = transcribe_onnx(out, audio, "en", int8=int8)
         words = [w.replace("\ufffd", "") for t in texts for w in t.split()]
         assert all(texts) and sum(w in known for w in words) >= 0.8 * len(words)
+
+
+def test_encoder_input_is_whisper_30s_window_whatever_sherpa_passes():
+    """sherpa-onnx passes the clip's normalised log-mel frames and then zero frames (fewer than 3000); the exported
+    encoder must see what Whisper's feature extractor gives for the clip padded with silence to 30 s: the
+    silence frames hold the clip's largest value minus 2. Checked against transformers' own extractor."""
+    import numpy as np
+    import torch
+    from transformers import WhisperFeatureExtractor
+
+    from whisper_ft.export_onnx import whisper_window
+
+    rng = np.random.default_rng(0)
+    audio = (0.1 * rng.standard_normal(16_000 * 3)).astype(np.float32)
+    full = WhisperFeatureExtractor(feature_size=80)(audio, sampling_rate=16_000, return_tensors="pt").input_features
+    real = 300  # 3 s of audio: frames 0..299 are the clip's, the rest Whisper's silence
+    sherpa_like = torch.cat([full[:, :, :real], torch.zeros(1, 80, 1000)], dim=2)
+    window = whisper_window(sherpa_like, 3000)
+    assert window.shape == (1, 80, 3000)
+    torch.testing.assert_close(window[:, :, :real], full[:, :, :real], rtol=0, atol=0)
+    # the silence frames: transformers' value (max - 2 of the normalised log-mel), to float rounding
+    torch.testing.assert_close(window[:, :, real + 2:], full[:, :, real + 2:], rtol=0, atol=1e-6)
+    assert torch.equal(whisper_window(full, 3000), full)  # a full window, as transformers gives, is unchanged
+    silence = whisper_window(torch.zeros(1, 80, 500), 3000)  # no audio at all: Whisper's digital-silence value
+    assert torch.equal(silence, torch.full((1, 80, 3000), -1.5))

@@ -35,6 +35,28 @@ def openai_model(model):
     return oa.eval()
 
 
+def whisper_window(mel, n_frames: int):
+    """The encoder's input as Whisper's 30-s window, whatever frames sherpa-onnx passes.
+
+    sherpa-onnx hands the encoder the clip's log-mel frames followed by frames of zeros (its tail padding,
+    1000 by default), fewer than the window's 3000. Whisper was trained on, and transformers, openai-whisper
+    and whisper.cpp transcribe with, the clip padded with silence to 30 s, whose frames hold the clip's
+    largest normalised log-mel value minus 2 (silence is clamped at the maximum minus 8, then scaled by 1/4).
+    The shorter, zero-filled input changes transcripts (measured on a real fine-tuned tiny.en in
+    docs/deploy.md), so the graph turns it back into the window: all-zero frames (which the
+    log-mel of real audio never produces unless that is also the silence value) and the missing frames up
+    to n_frames become the silence value. A full window, as transformers' features are, passes unchanged.
+    """
+    import torch
+
+    silent = (mel == 0).all(dim=1, keepdim=True)  # (batch, 1, frames)
+    top = torch.where(silent, torch.full_like(mel, float("-inf")), mel).amax(dim=(1, 2), keepdim=True)
+    # Only zero frames (no audio at all): Whisper's value for digital silence, (log10(1e-10) + 4) / 4.
+    fill = torch.where(torch.isinf(top), torch.full_like(top, -1.5), top - 2.0)
+    mel = torch.where(silent, fill, mel)
+    return torch.cat([mel, fill.expand(-1, mel.shape[1], n_frames)], dim=2)[:, :, :n_frames]
+
+
 def _modules():
     import torch
     import torch.nn.functional as F
@@ -47,6 +69,7 @@ def _modules():
 
         def forward(self, mel):
             enc = self.encoder
+            mel = whisper_window(mel, 2 * enc.positional_embedding.shape[0])
             x = F.gelu(enc.conv2(F.gelu(enc.conv1(mel)))).permute(0, 2, 1)
             x = (x + enc.positional_embedding[: x.shape[1]]).to(x.dtype)
             for block in enc.blocks:
