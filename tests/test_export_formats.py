@@ -119,6 +119,23 @@ def test_openai_export_loads_and_transcribes_like_transformers(layout_model, tmp
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("layout_model", LAYOUTS, indirect=True)
+@pytest.mark.parametrize("fmt,label", [("ctranslate2", "ctranslate2"), ("onnx", "onnx (onnxruntime)")])
+def test_float32_ctranslate2_and_onnx_transcribe_like_transformers(fmt, label, layout_model, tmp_path, capsys):
+    """English-only, multilingual and 128-bin: CTranslate2 and the ONNX graphs give transformers' transcripts."""
+    pytest.importorskip("ctranslate2" if fmt == "ctranslate2" else "onnxruntime")
+    if fmt == "onnx":
+        pytest.importorskip("sherpa_onnx")
+        pytest.importorskip("whisper")
+    code, err = run("--model", layout_model, "--format", fmt, "--quantization", "float32", "--output-dir",
+                    tmp_path / "o", "--verify", *CLIPS, "--max-new-tokens", NEW_TOKENS, capsys=capsys)
+    assert code == 0, err[-3000:]
+    assert f"{len(CLIPS)} of {len(CLIPS)} clips transcribed the same by transformers and the {label} export" in err
+    texts = [line.split("transformers:", 1)[1].strip() for line in err.splitlines() if "transformers:" in line]
+    assert len(set(texts)) > 1 and all(texts)  # real, audio-dependent text: the agreement means something
+
+
+@pytest.mark.slow
 def test_verify_fails_when_the_export_transcribes_differently(model80, tmp_path, capsys):
     """--verify's verdict: a float32 export whose weights were changed after export must be reported."""
     pytest.importorskip("whisper")
