@@ -90,7 +90,9 @@ def test_guide_config_trains_on_cpu_with_the_guides_long_flags(tiny_model, tmp_p
     assert "there is no CUDA device" not in proc.stderr  # -g cpu was asked for: no fp16 warning
     rows = metrics(out)
     assert [r["step"] for r in rows if "loss" in r] == [2]  # logging_steps 25: the last step is logged
-    assert [r["step"] for r in rows if "eval_wer" in r] == [0, 2]
+    assert [r["step"] for r in rows if "eval_wer" in r and "merge_alpha" not in r] == [0, 2]
+    # merge_base is on by default: the exported model is the chosen blend with the base, in one row at the end
+    assert [r["step"] for r in rows if "merge_alpha" in r] == [2] and "merge_base: exporting alpha" in proc.stderr
     # trained with the cache off (gradient checkpointing); users generate, so the model folder has it on
     assert json.loads((out / "config.json").read_text())["use_cache"] is True
     assert list((out / "runs").rglob("events.out.tfevents*")), "report_to [tensorboard] wrote no event file"

@@ -131,6 +131,9 @@ def test_the_export_is_the_chosen_alpha_and_the_table_is_kept(tiny_model, tmp_pa
     card = (out / "README.md").read_text()
     assert "Merged with the base model" in card and f"merged with the base at alpha {row['merge_alpha']:g}" in card
     assert "merge_base: exporting alpha" in proc.stderr
+    before, after = base["dev"], row["eval/dev/loss"]
+    assert f"loss: base model {before:.2f} -> fine-tuned {after:.2f} (merged with the base at alpha " \
+           f"{row['merge_alpha']:g})" in proc.stderr  # the closing line gives the exported model's number
 
 
 @pytest.mark.slow

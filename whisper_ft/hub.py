@@ -432,11 +432,12 @@ def publish(cfg, lang, state, out: Path, say) -> str | None:
     """
     saved = state.to_dict()
     write_model_card(out, cfg, lang, saved)
-    base, best = state.base_metrics or {}, state.best_metric
+    base, exported = state.base_metrics or {}, exported_metrics(cfg, saved, read_evals(Path(out)))
     key = "eval_" + cfg.metric_for_best_model
-    if base.get(key) is not None and best is not None:
-        say(f"{cfg.metric_for_best_model}: base model {base[key]:.2f} -> fine-tuned {best:.2f}")
-    worse = worse_than_base(cfg, base, exported_metrics(cfg, saved, read_evals(Path(out))))
+    if base.get(key) is not None and exported.get(key) is not None:  # the model written, merged or not
+        merged = f" (merged with the base at alpha {exported['merge_alpha']:g})" if "merge_alpha" in exported else ""
+        say(f"{cfg.metric_for_best_model}: base model {base[key]:.2f} -> fine-tuned {exported[key]:.2f}{merged}")
+    worse = worse_than_base(cfg, base, exported)
     if state.bad.total:
         say(f"skipped {state.bad.total} unusable samples during training: {state.bad.describe(5)}")
     say(f"final model: {out} (load with WhisperForConditionalGeneration.from_pretrained)")
