@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 import os
+import signal
 import sys
 import time
 from dataclasses import dataclass, field
@@ -88,6 +89,7 @@ class Run:
     eval_sets: dict[str, list] = field(default_factory=dict)
     state: Any = None  # state.RunState
     resumed_from: Path | None = None
+    saved_step: int | None = None  # the step of the newest checkpoint, saved or resumed from
     # built once the run is known to go on: after resume()
     log: Any = None  # metrics_log.MetricsLog
     stream: Any = None  # the training stream (batches.train_batches)
@@ -210,7 +212,7 @@ def resume(run: Run) -> bool:
     run.resumed_from, saved = checkpoint.resume(accelerator, out, say, accept=lambda s: resume_state(s, cfg, say))
     checkpoint.agree_on_resume(accelerator, run.resumed_from)  # every process from the same one, or all from none
     if run.resumed_from is not None:
-        run.state = saved
+        run.state, run.saved_step = saved, saved.step
         if run.state.step >= cfg.max_steps and (out / "config.json").is_file():  # rerun of a finished run
             say(f"this run is finished: {run.resumed_from.name} is at max_steps {cfg.max_steps} and the final model "
                 f"is in {out}; nothing to do. Raise max_steps to train on, or set a new checkpoint_name for a new run.")
@@ -275,9 +277,16 @@ def fit(run: Run) -> None:
     run.bar = progress_bar(cfg.max_steps, state.step, accelerator.is_main_process)
     run.window = speed.Window()
     throughput = speed.Throughput(accelerator.unwrap_model(run.model).config, accelerator.num_processes)
-    nan_steps = stopping.injected_nan_steps()
+    faults = {fault: stopping.injected_steps(fault) for fault in ("NAN", "SIGTERM")}
     while state.step < cfg.max_steps:
-        queued = train_step(run, state.step + 1 in nan_steps)
+        position = run.stream.state_dict()  # where a step given up by a stop signal resumes
+        try:
+            queued = train_step(run, {fault for fault, steps in faults.items() if state.step + 1 in steps})
+        except stopping.StepDropped:
+            if run.saved_step != state.step:
+                save(run, state.step, position)
+            raise stopping.RunStopped(f"stopped by signal at step {state.step} (step {state.step + 1} was dropped); "
+                                      "checkpoint saved. Rerun the same command to resume.")
         state.step = step = state.step + 1
         settle(run)  # the step before: its loss is read back while this one runs on the GPU (DESIGN: host syncs)
         run.pending = queued
@@ -322,7 +331,7 @@ class Queued:
     stop: bool  # a process had been signalled when the step began: save and stop after it
 
 
-def train_step(run: Run, inject_nan: bool) -> Queued:
+def train_step(run: Run, inject: set[str]) -> Queued:
     """Queue one optimizer step over gradient_accumulation_steps micro-batches, reading nothing back.
 
     A NaN/inf loss or gradient norm skips the update: one poisoned batch must not wipe out hours of training.
@@ -340,30 +349,34 @@ def train_step(run: Run, inject_nan: bool) -> Queued:
     lr = lr_at(state.step, peak=cfg.learning_rate, warmup_steps=cfg.warmup_steps, max_steps=cfg.max_steps,
                kind=cfg.lr_scheduler_type)
     set_lr(run.optimizer, lr)
-    micro = [next(run.stream) for _ in range(micro_per_step)]
-    # What every process must agree on before the forward: label tokens of the whole optimizer step (the loss
-    # is normalised by them, DESIGN: loss normalisation), samples, audio, bad samples, a stop signal anywhere.
-    step_tokens, samples, seconds, n_bad, n_seen, stop = batches.step_totals(micro, accelerator,
-                                                                            run.stopper.requested(), run.count_group)
+    # Until the update a stop signal gives the step up rather than finish it (one process: StepDropped)
+    with run.stopper.droppable(enabled=state.step > 0):
+        micro = [next(run.stream) for _ in range(micro_per_step)]
+        # What every process must agree on before the forward: label tokens of the whole optimizer step (the loss
+        # is normalised by them, DESIGN: loss normalisation), samples, audio, bad samples, a stop signal anywhere.
+        step_tokens, samples, seconds, n_bad, n_seen, stop = batches.step_totals(
+            micro, accelerator, run.stopper.requested(), run.count_group)
+        loss_sum = torch.zeros((), device=accelerator.device)
+        for mb in micro:
+            with accelerator.accumulate(model):
+                features, labels = batches.batch_or_placeholder(mb, model, accelerator.device)
+                with accelerator.autocast():
+                    # decoder inputs, not labels: with labels Whisper would compute a mean loss we discard
+                    logits = run.forward(input_features=features, decoder_input_ids=run.shift_right(labels)).logits
+                token_loss = token_loss_sum(logits, labels)
+                if "NAN" in inject:
+                    token_loss = token_loss * float("nan")
+                # backward divides by the accumulation steps and DDP averages over processes: undo both.
+                accelerator.backward(token_loss * world * micro_per_step / max(1, step_tokens))
+                loss_sum += token_loss.detach()
+                if "SIGTERM" in inject:
+                    os.kill(os.getpid(), signal.SIGTERM)
     if n_bad:  # rare: collect the bad samples of all processes so every process counts the same
         for b in batches.gather_bad(micro):
             state.bad.add(b)
             if state.bad.total <= 5:  # name the first few as they happen; all are summarised at the end
                 run.say(f"skipped {b.named()}", to_bar=True)
     state.bad.seen += n_seen
-    loss_sum = torch.zeros((), device=accelerator.device)
-    for mb in micro:
-        with accelerator.accumulate(model):
-            features, labels = batches.batch_or_placeholder(mb, model, accelerator.device)
-            with accelerator.autocast():
-                # decoder inputs, not labels: with labels Whisper would compute a mean loss we discard
-                logits = run.forward(input_features=features, decoder_input_ids=run.shift_right(labels)).logits
-            token_loss = token_loss_sum(logits, labels)
-            if inject_nan:
-                token_loss = token_loss * float("nan")
-            # backward divides by the accumulation steps and DDP averages over processes: undo both.
-            accelerator.backward(token_loss * world * micro_per_step / max(1, step_tokens))
-            loss_sum += token_loss.detach()
     loss_sum = accelerator.reduce(loss_sum, "sum")
     grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm) if cfg.max_grad_norm > 0 else None
     trainable.step_unless_nonfinite(run.optimizer, loss_sum, grad_norm, on_device=run.skips_on_device)
@@ -468,12 +481,15 @@ def evaluate_sets(run: Run, step: int) -> dict[str, Any] | None:
     return metrics
 
 
-def save(run: Run, step: int) -> None:
-    """checkpoint-<step> with the run state and this process's data position; older ones pruned."""
+def save(run: Run, step: int, position: dict | None = None) -> None:
+    """checkpoint-<step> with the run state and this process's data position (`position`: a dropped step's start,
+    not the stream's current one); older ones pruned."""
     from whisper_ft import checkpoint
 
     settle(run)  # the state saved includes the last step's NaN/inf count
-    path = checkpoint.save(run.accelerator, run.out, step, run.state.to_dict(), process_state=run.stream.state_dict())
+    position = run.stream.state_dict() if position is None else position
+    path = checkpoint.save(run.accelerator, run.out, step, run.state.to_dict(), process_state=position)
+    run.saved_step = step
     if run.accelerator.is_main_process:
         best = run.out / f"checkpoint-{run.state.best_step}" if run.state.best_step is not None else None
         checkpoint.prune(run.out, run.cfg.save_total_limit, keep={best, run.resumed_from})

@@ -53,6 +53,40 @@ def test_sigterm_saves_a_checkpoint_and_the_run_resumes(tiny_model, tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("data", ["records", "streamed"])
+def test_a_signal_during_a_step_drops_it_saves_the_last_and_the_resume_is_exact(tiny_model, tmp_path, data):
+    """One process stops at once rather than finish the step under way (accelerate 1.16's launcher SIGKILLs 5 s
+    after passing a SIGTERM on). The signal lands after the first of two accumulated micro-batches, SpecAugment
+    having drawn random numbers: 6 steps straight == stopped in that step + rerun, bit for bit. The streamed run
+    drops the step that crosses its epoch boundary (25 rows, 6 per step), so its saved position is the step's start."""
+    from safetensors.torch import load_file
+
+    from conftest import train_rows
+    from test_train_e2e import parquet_copy
+
+    cfg = dict(max_steps=6, save_steps=100, eval_steps=100, gradient_accumulation_steps=2, apply_spec_augment=True,
+               mask_time_prob=0.2, mask_feature_prob=0.2)
+    if data == "records":
+        cfg.update(dataloader_num_workers=1, per_device_train_batch_size=3)
+    else:
+        cfg.update(dataset_name=str(parquet_copy(tmp_path / "pq")), streaming=True, eval_split="validation",
+                   per_device_train_batch_size=3)
+    straight, stopped = tmp_path / "straight", tmp_path / "stopped"
+    assert run_train(base_config(tiny_model, straight, **cfg), tmp_path).returncode == 0
+    proc = run_train(base_config(tiny_model, stopped, **cfg), tmp_path, env={"WHISPER_FT_INJECT_SIGTERM": "5"})
+    assert proc.returncode == 3, proc.stderr[-2000:]
+    assert "got SIGTERM; saving a checkpoint now (the step under way is dropped" in proc.stderr
+    assert "stopped by signal at step 4 (step 5 was dropped); checkpoint saved" in proc.stderr
+    assert sorted(p.name for p in stopped.glob("checkpoint-*")) == ["checkpoint-4"]
+    assert [r["step"] for r in metrics(stopped) if "loss" in r] == [1, 2, 3, 4]
+    resumed = run_train(base_config(tiny_model, stopped, **cfg), tmp_path)
+    assert resumed.returncode == 0 and "resumed from" in resumed.stderr, resumed.stderr[-2000:]
+    assert train_rows(straight) == train_rows(stopped) and len(train_rows(straight)) == 6
+    a, b = load_file(straight / "checkpoint-6" / "model.safetensors"), load_file(stopped / "checkpoint-6" / "model.safetensors")
+    assert a.keys() == b.keys() and all((a[k] == b[k]).all() for k in a)
+
+
+@pytest.mark.slow
 def test_sigkill_at_random_moments_during_saves_leaves_a_resumable_run(tiny_model, tmp_path):
     out = tmp_path / "run"
     cfg = base_config(tiny_model, out, max_steps=1000, save_steps=1, eval_steps=1000, save_total_limit=2)

@@ -1,7 +1,8 @@
 """Why and how a training run stops early: RunStopped carries the message and exit code main() reports;
-GracefulStop turns SIGTERM/SIGINT into a save-then-stop agreed on by every process; check_bad_fraction
-stops a run whose corpus is too broken to go on; injected_nan_steps is the tests' hook for forcing NaN
-losses. They are kept together, apart from the rest of the run's helpers, so that every early exit and
+GracefulStop turns SIGTERM/SIGINT into a save-then-stop agreed on by every process (one process drops the
+step under way rather than finish it, StepDropped); check_bad_fraction
+stops a run whose corpus is too broken to go on; injected_steps is the tests' hook for forcing NaN
+losses and signals. They are kept together, apart from the rest of the run's helpers, so that every early exit and
 its exit code can be read in one place; this module imports nothing else of the run's, so any module can
 raise RunStopped without an import cycle."""
 
@@ -9,9 +10,13 @@ from __future__ import annotations
 
 import math
 import os
+import random
 import signal
 import sys
+from contextlib import contextmanager
 from typing import Callable
+
+import numpy as np
 
 import torch
 
@@ -26,9 +31,10 @@ class RunStopped(Exception):
         self.exit_code = exit_code
 
 
-def injected_nan_steps() -> set[int]:
-    """Optimizer steps (1-based) whose loss is made NaN: a fault-injection hook for the tests."""
-    return {int(s) for s in os.environ.get("WHISPER_FT_INJECT_NAN", "").split(",") if s.strip()}
+def injected_steps(fault: str) -> set[int]:
+    """Optimizer steps (1-based) at which the tests inject a fault: WHISPER_FT_INJECT_NAN makes the loss NaN,
+    WHISPER_FT_INJECT_SIGTERM has the process send itself a SIGTERM after the step's first micro-batch."""
+    return {int(s) for s in os.environ.get(f"WHISPER_FT_INJECT_{fault}", "").split(",") if s.strip()}
 
 
 MIN_SEEN_FOR_BAD_SHARE = 20  # below this many samples no share is judged at all
@@ -82,6 +88,11 @@ def check_bad_fraction(bad: BadCounter, cfg: Config, say, on_stop: Callable[[], 
                      f"First ones: {bad.first(5)}. A checkpoint was saved.", Exit.ERROR)
 
 
+class StepDropped(BaseException):
+    """A stop signal inside GracefulStop.droppable(): the step under way is given up. A BaseException, so that no
+    `except Exception` it passes through (a sample's decoding, a data library) takes it for an error to handle."""
+
+
 class GracefulStop:
     """SIGTERM/SIGINT -> save at the next optimizer step and exit; a second Ctrl-C (SIGINT) exits at once.
 
@@ -92,6 +103,7 @@ class GracefulStop:
 
     def __init__(self, accelerator):
         self.accelerator, self.flag, self.on_stop = accelerator, False, lambda: None
+        self.dropping = False  # inside droppable(): a signal gives the step up at once
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, self._handle)
         die_with_launcher()
@@ -102,8 +114,38 @@ class GracefulStop:
                 raise SystemExit(128 + signum)
             return  # already saving; SIGKILL is the way to end a run without a checkpoint
         self.flag = True
-        print(f"\nwhisper-ft: got {signal.Signals(signum).name}; saving a checkpoint at the next step "
-              "(Ctrl-C again to exit at once)", file=sys.stderr, flush=True)
+        when = "now (the step under way is dropped; " if self.dropping else "at the next step ("
+        print(f"\nwhisper-ft: got {signal.Signals(signum).name}; saving a checkpoint {when}Ctrl-C again to exit at "
+              "once)", file=sys.stderr, flush=True)
+        if self.dropping:
+            self.dropping = False
+            raise StepDropped
+
+    @contextmanager
+    def droppable(self, enabled: bool):
+        """A stop signal inside the block raises StepDropped at once, in a run of one process on a CPU or GPU.
+
+        accelerate 1.16's launcher SIGKILLs its child 5 s after passing a SIGTERM on, and finishing the step under
+        way can take most of that (a large model, a loaded machine). Until the optimizer updates, the weights and
+        the optimizer are still the last step's; the block's other effects, the random generators and accelerate's
+        accumulation counter, are put back here, and the caller saves the data position it took before the step,
+        so the checkpoint is the one the last step would have saved (DESIGN: a stop signal)."""
+        accelerator = self.accelerator
+        if not enabled or accelerator.num_processes > 1 or accelerator.device.type not in ("cpu", "cuda"):
+            yield
+            return
+        before = _rng_states(), accelerator.step
+        self.dropping = True
+        try:
+            if self.flag:  # signalled between the last step's check and here
+                raise StepDropped
+            yield
+        except StepDropped:
+            _set_rng_states(before[0])
+            accelerator.step = before[1]
+            raise
+        finally:
+            self.dropping = False
 
     def requested(self) -> bool:
         return self.flag
@@ -123,6 +165,21 @@ class GracefulStop:
         if anywhere or (self.flag and self.accelerator.num_processes == 1):
             self.on_stop()
             raise RunStopped(f"stopped by signal at step {step}; checkpoint saved. Rerun the same command to resume.")
+
+
+def _rng_states() -> tuple:
+    """What accelerate's save_state stores of the random generators (CPU and CUDA: where droppable() applies)."""
+    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None
+    return random.getstate(), np.random.get_state(), torch.get_rng_state(), cuda
+
+
+def _set_rng_states(states: tuple) -> None:
+    python, numpy, cpu, cuda = states
+    random.setstate(python)
+    np.random.set_state(numpy)
+    torch.set_rng_state(cpu)
+    if cuda is not None:
+        torch.cuda.set_rng_state_all(cuda)
 
 
 def die_with_launcher() -> None:
