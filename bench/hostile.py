@@ -160,6 +160,30 @@ def _only_checkpoint_broken(env):
     return env.train(config), [out], {}
 
 
+def _into_dataset(env):
+    where = env.folder("into-dataset")
+    data = Path(shutil.copytree(env.root / "tests" / "data" / "cv-en", where / "my-corpus"))
+    return env.train(env.config(where, data, dataset_name=str(data))), [data, where], {}
+
+
+def _misspelled_key(env):
+    where = env.folder("misspelled")
+    config = env.config(where, where / "run")
+    config.write_text(config.read_text().replace("learning_rate:", "learnig_rate:"))
+    return env.train(config), [where], {}
+
+
+def _missing(command: str):
+    def setup(env):
+        where = env.folder(f"missing-{command}")
+        argv = {"config": env.train(where / "no-such.yaml"),
+                "transcribe": ["-m", "whisper_ft.cli.transcribe", "--model", str(env.model), str(where / "no-such.wav")],
+                "evaluate": ["-m", "whisper_ft.cli.evaluate", "--model", str(where / "no-such-model"), "--config",
+                             str(env.config(where, where / "run"))]}[command]
+        return argv, [where], {}
+    return setup
+
+
 def _disk_full(env):
     config, out = env.stopped_run("disk-full")
     wrapper = ("import sys, torch\n"
@@ -320,6 +344,11 @@ CASES = [
     Case("export --output-dir holds the user's files, --force", _export("folder"), r"did not write"),
     Case("evaluate --output-dir holding the user's summary.json", _evaluate_into_user_folder,
          r"did not write|another --output-dir"),
+    Case("checkpoint_dir is the dataset's folder", _into_dataset, r"not a whisper-ft run|holds the (training )?data"),
+    Case("a misspelled key in the YAML", _misspelled_key, r"learnig_rate"),
+    Case("--config that does not exist", _missing("config"), r"no-such\.yaml"),
+    Case("transcribe an audio file that does not exist", _missing("transcribe"), r"no-such\.wav"),
+    Case("evaluate --model a folder that does not exist", _missing("evaluate"), r"no-such-model"),
 ]
 
 
