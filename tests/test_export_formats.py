@@ -153,23 +153,38 @@ def test_verify_fails_when_the_export_transcribes_differently(model80, tmp_path,
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("fmt", ["openai", "onnx"])
+@pytest.mark.parametrize("fmt", ["openai", "onnx", "ctranslate2"])
 def test_verify_exit_status_catches_an_exporter_that_writes_wrong_weights(fmt, model80, tmp_path, capsys, monkeypatch):
     """The command itself exits 1 when the float32 file it wrote transcribes differently: here an exporter
     with a bug (the decoder's final layer norm negated before writing)."""
-    pytest.importorskip("whisper")
-    if fmt == "onnx":
-        pytest.importorskip("onnxruntime")
-        pytest.importorskip("sherpa_onnx")
     import importlib
 
-    module = importlib.import_module(f"whisper_ft.export_{fmt}")
-    original = getattr(module, f"export_{fmt}")
+    from transformers import WhisperForConditionalGeneration, WhisperProcessor
 
-    def buggy(model, *args, **kwargs):
-        with torch.no_grad():
-            model.model.decoder.layer_norm.weight.mul_(-1.0)
-        return original(model, *args, **kwargs)
+    if fmt == "ctranslate2":  # the converter reads a folder: give it a copy with the bug
+        pytest.importorskip("ctranslate2")
+        module = importlib.import_module("whisper_ft.cli.export")
+        original = module.export_ctranslate2
+
+        def buggy(model, tmp, quantization):
+            broken = WhisperForConditionalGeneration.from_pretrained(model)
+            with torch.no_grad():
+                broken.model.decoder.layer_norm.weight.mul_(-1.0)
+            broken.save_pretrained(tmp_path / "broken")
+            WhisperProcessor.from_pretrained(model).save_pretrained(tmp_path / "broken")
+            return original(str(tmp_path / "broken"), tmp, quantization)
+    else:
+        pytest.importorskip("whisper")
+        if fmt == "onnx":
+            pytest.importorskip("onnxruntime")
+            pytest.importorskip("sherpa_onnx")
+        module = importlib.import_module(f"whisper_ft.export_{fmt}")
+        original = getattr(module, f"export_{fmt}")
+
+        def buggy(model, *args, **kwargs):
+            with torch.no_grad():
+                model.model.decoder.layer_norm.weight.mul_(-1.0)
+            return original(model, *args, **kwargs)
 
     monkeypatch.setattr(module, f"export_{fmt}", buggy)
     code, err = run("--model", model80, "--format", fmt, "--quantization", "float32", "--output-dir", tmp_path / "o",
