@@ -10,7 +10,7 @@ chosen shape (large-v3: d_model 1280, 32+32 layers, 20 heads, 128 mel bins, voca
 so nothing is downloaded. Numbers come from the run's metrics.jsonl: samples/s of the last log window
 (the first steps, with their warm-up, are in an earlier window) and the process's peak GPU memory
 (peak_gpu_memory_gb, GiB). bench_gpu.py --memory-table covers the checkpointing settings of a full
-fine-tune; this one the modes of issue 11. Compare modes within one run of this script, on one card.
+fine-tune; this one the memory-saving modes (frozen encoder, LoRA, 8-bit AdamW). Compare modes within one run of this script, on one card.
 """
 
 from __future__ import annotations

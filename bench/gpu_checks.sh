@@ -1,18 +1,18 @@
 #!/usr/bin/env bash
-# The GPU figures and checks that issues 8 and 11 still lack, as one script for a GPU machine lent for a few
+# The GPU figures and checks that still need a GPU, as one script for a GPU machine lent for a few
 # minutes. Each part has its own time limit, so a slow one cannot starve the rest; results go to $OUT.
 #   OUT=gpu-results bash bench/gpu_checks.sh [part ...]
 # Parts, in the default order (most wanted first), with their limits:
-#   profile    issue 8: where a compiled batch-32 step's time goes (bench/profile_loop.py), and each
+#   profile    where a compiled batch-32 step's time goes (bench/profile_loop.py), and each
 #              attention backend timed on its shapes (bench/bench_attention.py): the evidence the
 #              2.0x target needs before anything else is changed                                    230 s
-#   guide      issue 8: the guide's settings (fp16, batch 16, checkpointing) against the Trainer   200 s
+#   guide      the guide's settings (fp16, batch 16, checkpointing) against the Trainer          200 s
 #   tests      tests/test_gpu.py: FSDP and DeepSpeed ZeRO-2/3 at world size 1, the queued step's
 #              read-backs on CUDA, the compiled greedy step against generate() in fp32              300 s
-#   lora       issue 11: large-v3 shape, full against LoRA, both compiled (torch_compile auto)      300 s
-#   eval_fp32  issue 8: evaluation against predict_with_generate in fp32 (identical transcripts)   150 s
-#   batch32    issue 8: the shipped settings (bf16, batch 32, no checkpointing) against the Trainer 240 s
-#   memtable   issue 8: peak memory of small, medium, large-v3 x checkpointing false/encoder/true    420 s
+#   lora       large-v3 shape, full against LoRA, both compiled (torch_compile auto)             300 s
+#   eval_fp32  evaluation against predict_with_generate in fp32 (identical transcripts)          150 s
+#   batch32    the shipped settings (bf16, batch 32, no checkpointing) against the Trainer        240 s
+#   memtable   peak memory of small, medium, large-v3 x checkpointing false/encoder/true           420 s
 # One device call may run 600 s and a session gets about 900 s of device time, start-up included: pass two or
 # three parts per call (e.g. "profile guide", then "tests lora").
 set -uo pipefail

@@ -124,7 +124,7 @@ def test_half_broken_stops_with_the_reason_after_a_checkpoint(tiny_model, tmp_pa
 
 
 # ---------------------------------------------------------------------------------------------
-# Issue 9: messages naming the real cause; the bad-share abort decided with confidence
+# Messages naming the real cause; the bad-share abort decided with confidence
 
 
 def test_id3_only_mp3_and_a_folder_are_named_for_what_they_are(prepare, tmp_path):
@@ -182,7 +182,7 @@ def test_a_four_percent_corpus_is_practically_never_stopped_and_a_half_broken_on
 
 
 def old_rule_stops(seed: int, n: int, bad_rows: set[int], batch: int, steps: int) -> bool:
-    """Whether the rule before issue 9 (over 5% once 20 samples were seen) stopped this draw order."""
+    """Whether the earlier rule (over 5% once 20 samples were seen) stopped this draw order."""
     order = [i for b in TrainBatches(n, batch, seed=seed).epoch_batches(0)[:steps] for i in b]
     return any(k >= 20 and sum(i in bad_rows for i in order[:k]) / k > 0.05 for k in range(batch, len(order) + 1, batch))
 

@@ -1,4 +1,4 @@
-"""Issue 9: the guide's (../shared/seed-guide.txt) config.yaml and command line work unchanged, and every
+"""The guide's (../shared/seed-guide.txt) config.yaml and command line work unchanged, and every
 setting that would waste a night (a GPU that is not there, a placeholder token, a file as checkpoint_dir)
 stops the run before the model loads."""
 

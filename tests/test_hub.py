@@ -317,7 +317,7 @@ def test_upload_list_adds_tensorboard_logs_only_when_asked(tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------
-# The token, checked before training (issue 9)
+# The token, checked before training
 
 
 def whoami_info(role, scoped=None):

@@ -1,4 +1,4 @@
-"""Issue 4: signals, kills during saves, NaN losses, and a token that never leaks."""
+"""Signals, kills during saves, NaN losses, and a token that never leaks."""
 
 import pytest
 import json
@@ -271,7 +271,7 @@ def test_a_sigterm_to_accelerate_launch_alone_saves_and_the_run_resumes(tiny_mod
 
 @pytest.mark.slow
 def test_truncated_newest_weights_resume_from_the_older_checkpoint(tiny_model, tmp_path):
-    """Issue 9: a newest checkpoint whose model.safetensors was cut short ended the run in a SafetensorError
+    """A newest checkpoint whose model.safetensors was cut short ended the run in a SafetensorError
     traceback; now it is named, kept on disk, and the run resumes from the one before."""
     out = tmp_path / "run"
     cfg = base_config(tiny_model, out, max_steps=6, save_steps=2, eval_steps=100, save_total_limit=0)

@@ -63,7 +63,7 @@ def test_a_short_batch_is_padded_with_rows_that_change_no_loss_or_gradient(tiny_
 
 
 @pytest.mark.parametrize("args,yaml_text,expect", [
-    ([], "lang: en\n", ("false", "auto")),  # an empty config file is an error (issue 9): set something else
+    ([], "lang: en\n", ("false", "auto")),  # an empty config file is an error: set something else
     ([], "gradient_checkpointing: false\ntorch_compile: true\n", ("false", "true")),
     ([], "gradient_checkpointing: encoder\ntorch_compile: no\n", ("encoder", "false")),
     (["--gradient-checkpointing"], "gradient_checkpointing: false\n", ("true", "auto")),
