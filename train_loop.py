@@ -349,9 +349,10 @@ def train_step(run: Run, inject: set[str]) -> Queued:
     lr = lr_at(state.step, peak=cfg.learning_rate, warmup_steps=cfg.warmup_steps, max_steps=cfg.max_steps,
                kind=cfg.lr_scheduler_type)
     set_lr(run.optimizer, lr)
-    # Until the update a stop signal gives the step up rather than finish it (one process: StepDropped)
+    micro = [next(run.stream) for _ in range(micro_per_step)]
+    # From here to the update a stop signal gives the step up rather than finish it (one process: StepDropped).
+    # Not during the fetch: an exception there cuts a worker's batch hand-over short, and the worker prints it.
     with run.stopper.droppable(enabled=state.step > 0):
-        micro = [next(run.stream) for _ in range(micro_per_step)]
         # What every process must agree on before the forward: label tokens of the whole optimizer step (the loss
         # is normalised by them, DESIGN: loss normalisation), samples, audio, bad samples, a stop signal anywhere.
         step_tokens, samples, seconds, n_bad, n_seen, stop = batches.step_totals(

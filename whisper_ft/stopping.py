@@ -94,7 +94,8 @@ class StepDropped(BaseException):
 
 
 class GracefulStop:
-    """SIGTERM/SIGINT -> save at the next optimizer step and exit; a second Ctrl-C (SIGINT) exits at once.
+    """SIGTERM/SIGINT -> save and exit, after the step under way or dropping it (droppable); a second Ctrl-C
+    (SIGINT) exits at once.
 
     A repeated SIGTERM is not a second Ctrl-C: one `kill -TERM` to a process group, a scheduler's preemption or
     a launcher passing the signal on (accelerate 1.16's, torchrun's) deliver it to the trainer twice within
@@ -114,8 +115,8 @@ class GracefulStop:
                 raise SystemExit(128 + signum)
             return  # already saving; SIGKILL is the way to end a run without a checkpoint
         self.flag = True
-        when = "now (the step under way is dropped; " if self.dropping else "at the next step ("
-        print(f"\nwhisper-ft: got {signal.Signals(signum).name}; saving a checkpoint {when}Ctrl-C again to exit at "
+        when = " now (the step under way is dropped;" if self.dropping else " ("
+        print(f"\nwhisper-ft: got {signal.Signals(signum).name}; saving a checkpoint{when} Ctrl-C again to exit at "
               "once)", file=sys.stderr, flush=True)
         if self.dropping:
             self.dropping = False
@@ -123,7 +124,8 @@ class GracefulStop:
 
     @contextmanager
     def droppable(self, enabled: bool):
-        """A stop signal inside the block raises StepDropped at once, in a run of one process on a CPU or GPU.
+        """A stop signal inside the block (or before it) raises StepDropped at once, in a run of one process on a
+        CPU or GPU.
 
         accelerate 1.16's launcher SIGKILLs its child 5 s after passing a SIGTERM on, and finishing the step under
         way can take most of that (a large model, a loaded machine). Until the optimizer updates, the weights and
