@@ -1,10 +1,10 @@
 """Why and how a training run stops early: RunStopped carries the message and exit code main() reports;
 GracefulStop turns SIGTERM/SIGINT into a save-then-stop agreed on by every process (one process drops the
-step under way rather than finish it, StepDropped); check_bad_fraction
-stops a run whose corpus is too broken to go on; injected_steps is the tests' hook for forcing NaN
-losses and signals. They are kept together, apart from the rest of the run's helpers, so that every early exit and
-its exit code can be read in one place; this module imports nothing else of the run's, so any module can
-raise RunStopped without an import cycle."""
+step under way rather than finish it: StepDropped); check_bad_fraction stops a run whose corpus is too
+broken to go on; injected_steps is the tests' hook for forcing NaN losses and signals. They are kept
+together, apart from the rest of the run's helpers, so that every early exit and its exit code can be read
+in one place; this module imports nothing else of the run's, so any module can raise RunStopped without an
+import cycle."""
 
 from __future__ import annotations
 
@@ -17,7 +17,6 @@ from contextlib import contextmanager
 from typing import Callable
 
 import numpy as np
-
 import torch
 
 from whisper_ft.config import Config
