@@ -279,7 +279,8 @@ def fit(run: Run) -> None:
     throughput = speed.Throughput(accelerator.unwrap_model(run.model).config, accelerator.num_processes)
     faults = {fault: stopping.injected_steps(fault) for fault in ("NAN", "SIGTERM")}
     while state.step < cfg.max_steps:
-        position = run.stream.state_dict()  # where a step given up by a stop signal resumes
+        # where a step given up by a stop signal resumes (a streamed shard's position changes during the step)
+        position = run.stream.state_dict() if run.stopper.drops_steps else None
         try:
             queued = train_step(run, {fault for fault, steps in faults.items() if state.step + 1 in steps})
         except stopping.StepDropped:

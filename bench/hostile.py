@@ -176,10 +176,13 @@ def _misspelled_key(env):
 def _missing(command: str):
     def setup(env):
         where = env.folder(f"missing-{command}")
-        argv = {"config": env.train(where / "no-such.yaml"),
-                "transcribe": ["-m", "whisper_ft.cli.transcribe", "--model", str(env.model), str(where / "no-such.wav")],
-                "evaluate": ["-m", "whisper_ft.cli.evaluate", "--model", str(where / "no-such-model"), "--config",
-                             str(env.config(where, where / "run"))]}[command]
+        if command == "config":
+            argv = env.train(where / "no-such.yaml")
+        elif command == "transcribe":
+            argv = ["-m", "whisper_ft.cli.transcribe", "--model", str(env.model), str(where / "no-such.wav")]
+        else:
+            argv = ["-m", "whisper_ft.cli.evaluate", "--model", str(where / "no-such-model"), "--config",
+                    str(env.config(where, where / "run"))]
         return argv, [where], {}
     return setup
 

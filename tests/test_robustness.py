@@ -202,10 +202,12 @@ def test_a_second_ctrl_c_exits_at_once_but_a_repeated_sigterm_keeps_saving():
     a SIGTERM that arrives again (a process group's kill plus a launcher passing it on) changes nothing."""
     import pytest
 
+    import torch
+
     from whisper_ft.stopping import GracefulStop
 
     class OneProcess:
-        device = "cpu"
+        num_processes, device = 1, torch.device("cpu")
 
     previous = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
     try:

@@ -104,6 +104,9 @@ class GracefulStop:
     def __init__(self, accelerator):
         self.accelerator, self.flag, self.on_stop = accelerator, False, lambda: None
         self.dropping = False  # inside droppable(): a signal gives the step up at once
+        # Only a run of one process can drop a step (several must agree on the stop), on a CPU or GPU (whose
+        # random generators _rng_states() restores)
+        self.drops_steps = accelerator.num_processes == 1 and accelerator.device.type in ("cpu", "cuda")
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, self._handle)
         die_with_launcher()
@@ -132,7 +135,7 @@ class GracefulStop:
         accumulation counter, are put back here, and the caller saves the data position it took before the step,
         so the checkpoint is the one the last step would have saved (DESIGN: a stop signal)."""
         accelerator = self.accelerator
-        if not enabled or accelerator.num_processes > 1 or accelerator.device.type not in ("cpu", "cuda"):
+        if not (enabled and self.drops_steps):
             yield
             return
         before = _rng_states(), accelerator.step
