@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -74,6 +75,19 @@ def run_train(cfg: dict, tmp: Path, *args: str, launcher: list[str] | None = Non
     cmd = (launcher or [sys.executable]) + [str(ROOT / "train_loop.py"), "--config", str(path), *args]
     full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
     return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout, env=full_env)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def torchrun(processes: int = 2) -> list[str]:
+    """The launcher for `processes` processes on this machine, on a port nobody holds (a fixed one can still be
+    held by the previous test's launcher)."""
+    return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(processes),
+            "--master_port", str(free_port())]
 
 
 def metrics(out: Path) -> list[dict]:

@@ -4,7 +4,6 @@ processes sum the step's counts; and the FSDP/DeepSpeed combinations that are re
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -14,13 +13,7 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from conftest import ROOT, base_config, metrics, run_train, train_rows
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from conftest import ROOT, base_config, free_port, metrics, run_train, torchrun, train_rows
 
 
 def run_two_machines(cfgs: list[dict], tmp, *args: str, timeout: int = 300) -> list[tuple[int, str]]:
@@ -280,8 +273,7 @@ def test_fsdp2_sharded_model_evaluates_and_exports_like_the_plain_one(tiny_model
     other: without the placeholder the second process would stop joining the weight gathers and both hang.
     """
     proc = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
-         str(ROOT / "tests" / "workers" / "fsdp2_eval_export.py"), str(tiny_model), str(tmp_path)],
+        torchrun() + [str(ROOT / "tests" / "workers" / "fsdp2_eval_export.py"), str(tiny_model), str(tmp_path)],
         cwd=ROOT, capture_output=True, text=True, timeout=300,
         env={**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)})
     assert proc.returncode == 0, proc.stderr[-3000:]

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import BAD, CV_EN, ROOT, base_config, metrics, run_train
+from conftest import BAD, CV_EN, ROOT, base_config, metrics, run_train, torchrun
 
 
 @pytest.fixture(scope="module")
@@ -102,13 +102,33 @@ def test_two_processes_count_every_sample_once(trained, tmp_path):
     """torchrun x2 on CPU: 8 samples split 4+4, gathered and written once, the same numbers as one process."""
     config, out = trained
     proc = evaluate(config, "--output-dir", str(tmp_path / "two"),
-                    launcher=[sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-                              "--master_port", "29547"])
+                    launcher=torchrun())
     assert proc.returncode == 0, proc.stderr[-3000:]
     summary, rows = outputs(tmp_path / "two")
     assert summary["processes"] == 2
     assert len(rows) == len({r["id"] for r in rows}) == summary["metrics"]["eval_samples"] == 8
     same_metrics(summary["metrics"], [r for r in metrics(out) if "eval_wer" in r and r["step"] == 2][-1])
+
+
+def test_a_foreign_output_folder_is_refused_before_anything_is_evaluated_or_written(tiny_model, tmp_path, capsys,
+                                                                                  monkeypatch):
+    """Two sets, the second's folder holding a summary.json evaluate did not write: refused before the first set
+    is evaluated, so no process ever reads a summary.json the main process is still writing."""
+    import whisper_ft.evaluation
+
+    def not_now(*args, **kwargs):
+        raise AssertionError("evaluated before the output folders were checked")
+
+    monkeypatch.setattr(whisper_ft.evaluation, "evaluate", not_now)
+    cfg = base_config(tiny_model, tmp_path / "run", eval_sets={"first": {"split": "dev"}, "second": {"split": "test"}})
+    config = tmp_path / "two-sets.yaml"
+    config.write_text(yaml.safe_dump(cfg))
+    (tmp_path / "ev" / "second").mkdir(parents=True)
+    (tmp_path / "ev" / "second" / "summary.json").write_text('{"mine": 1}\n')
+    code, err = evaluate_here(config, "--output-dir", str(tmp_path / "ev"), capsys=capsys)
+    assert code == 1 and "did not write" in err and str(tmp_path / "ev" / "second") in err
+    assert not (tmp_path / "ev" / "first").exists()
+    assert (tmp_path / "ev" / "second" / "summary.json").read_text() == '{"mine": 1}\n'
 
 
 def test_unusable_samples_are_skipped_counted_and_named(tiny_model, tmp_path, capsys):

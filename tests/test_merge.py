@@ -3,13 +3,12 @@ rule picks; exact at both ends, for LoRA too, after a resume and across processe
 
 from __future__ import annotations
 
-import sys
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import base_config, metrics, run_train, straight_and_resumed
+from conftest import base_config, metrics, run_train, straight_and_resumed, torchrun
 from whisper_ft import merge
 
 # A domain set and a general-speech guard set, as in a real run: the base model is poor on the domain
@@ -154,8 +153,7 @@ def test_lora_merges_the_same_in_two_processes_as_in_one(tiny_model, tmp_path):
     cfg = dict(lora_r=4, per_device_train_batch_size=2, learning_rate=1e-2)
     two, one = tmp_path / "two", tmp_path / "one"
     proc = run_train(merge_config(tiny_model, two, **cfg), tmp_path,
-                     launcher=[sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-                               "--master_port", "29541"], env={"ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"})
+                     launcher=torchrun(), env={"ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"})
     assert proc.returncode == 0, proc.stderr[-3000:]
     proc1 = run_train(merge_config(tiny_model, one, **cfg, gradient_accumulation_steps=2), tmp_path)
     assert proc1.returncode == 0, proc1.stderr[-3000:]

@@ -11,7 +11,7 @@ import time
 
 import yaml
 
-from conftest import ROOT, base_config, metrics, run_train
+from conftest import ROOT, base_config, metrics, run_train, torchrun
 
 
 def start(cfg: dict, tmp_path, env=None) -> subprocess.Popen:
@@ -143,8 +143,7 @@ def test_two_processes_agree_on_bad_samples(tiny_model, tmp_path):
     cfg = base_config(tiny_model, out, dataset_name=str(BAD / "manifest.csv"), per_device_train_batch_size=5,
                       max_steps=2, save_steps=2, eval_strategy="no", load_best_model_at_end=False,
                       max_bad_sample_fraction=0.9)
-    proc = run_train(cfg, tmp_path, launcher=[sys.executable, "-m", "torch.distributed.run", "--nproc_per_node",
-                                              "2", "--master_port", "29541"],
+    proc = run_train(cfg, tmp_path, launcher=torchrun(),
                      env={"ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"})
     assert proc.returncode == 0, proc.stderr[-3000:]
     final = metrics(out)[-1]

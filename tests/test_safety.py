@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import CV_EN, ROOT, base_config, run_train
+from conftest import ROOT, base_config, run_train
 from whisper_ft.checkpoint import CheckpointError
 
 HERE = Path(__file__).resolve().parent

@@ -1,12 +1,11 @@
 """The real entry point, end to end: resume exactness, two processes, the exported model, learning."""
 
 import pytest
-import sys
 
 import torch
 from safetensors.torch import load_file
 
-from conftest import CV_EN, base_config, metrics, run_train, straight_and_resumed, train_rows
+from conftest import CV_EN, base_config, metrics, run_train, straight_and_resumed, torchrun, train_rows
 
 
 def test_resume_is_step_exact_with_accumulation(tiny_model, tmp_path):
@@ -37,8 +36,7 @@ def test_two_processes_count_each_eval_sample_once_and_share_the_schedule(tiny_m
                generation_max_length=12, per_device_train_batch_size=2, metric_for_best_model="wer")
     two, one = tmp_path / "two", tmp_path / "one"
     proc = run_train(base_config(tiny_model, two, **cfg), tmp_path,
-                     launcher=[sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-                               "--master_port", "29533"], env={"ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"})
+                     launcher=torchrun(), env={"ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"})
     assert proc.returncode == 0, proc.stderr[-3000:]
     proc1 = run_train(base_config(tiny_model, one, **cfg, gradient_accumulation_steps=2), tmp_path)
     assert proc1.returncode == 0, proc1.stderr[-3000:]

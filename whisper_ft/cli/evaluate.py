@@ -112,6 +112,12 @@ def run(cfg, args) -> int:
     prepare = Prepare(processor.feature_extractor, processor.tokenizer)
     kwargs = {**generate_kwargs(model, cfg.generation_max_length),
               **speed.generation_speedups(speed.compile_wanted(cfg.torch_compile))}
+    outs = {name: default_output_dir(cfg, model_ref, label, name) if not args.output_dir else
+            Path(args.output_dir) / (_safe(name) if len(sets) > 1 else "") for name in sets}
+    # Checked by every process before any writes: after, a process could read the main process's
+    # half-written summary.json and refuse (DESIGN: one writer, checks before the first write).
+    for out in outs.values():
+        check_output_dir(out)
 
     for name, spec in sets.items():
         records = load_records(spec["dataset_name"], spec["split"], lang=lang, text_column=spec["text_column"],
@@ -133,9 +139,7 @@ def run(cfg, args) -> int:
                             f"samples could be evaluated ({reasons(bad) if bad else 'no samples'}; first: "
                             f"{name_first(bad, 3) if bad else '-'}); nothing was written")
 
-        out = default_output_dir(cfg, model_ref, label, name) if not args.output_dir else \
-            Path(args.output_dir) / (_safe(name) if len(sets) > 1 else "")
-        check_output_dir(out)
+        out = outs[name]
         if accelerator.is_main_process:
             summary = {
                 "model": model_ref, "model_kind": label, "eval_set": name, "dataset": spec["dataset_name"],
