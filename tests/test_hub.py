@@ -248,6 +248,25 @@ def test_model_card_reports_the_exported_steps_metrics(tmp_path):
     assert "transformers " in card and "torch " in card and "accelerate " in card
 
 
+def test_a_model_card_the_disk_has_no_room_for_is_a_warning_not_a_failed_run(tmp_path, monkeypatch):
+    """The model is whole when the card is written: a full disk then is said, and the run still ends well."""
+    from whisper_ft import hub
+    from whisper_ft.config import load_config
+    from whisper_ft.languages import resolve
+    from whisper_ft.state import RunState
+
+    def full(*args):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(hub, "write_model_card", full)
+    cfg = load_config(["--lang", "en", "--checkpoint-dir", str(tmp_path)], env={})
+    said = []
+    assert hub.publish(cfg, resolve("en"), RunState.fresh(cfg), tmp_path, said.append) is None
+    assert any("could not write the model card" in s and "No space left on device" in s and "free under" in s
+               for s in said), said
+    assert said[-1].startswith("final model:")
+
+
 def test_a_language_without_spaces_is_reported_by_cer(tmp_path):
     """In Chinese WER counts a whole sentence as one word: the Hub's model-index gets CER alone, and the card's
     tables lead with it."""

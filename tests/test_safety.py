@@ -263,6 +263,99 @@ def test_a_full_disk_during_training_exits_with_the_path_and_free_space(tiny_mod
     unchanged(before)
 
 
+class FillingFile:
+    """A file on a disk that fills up: the first write gets half its bytes in, the next one ENOSPC."""
+
+    def __init__(self, path, mode="r", **kwargs):
+        import io
+        self.f, self.writes = io.FileIO(path, mode.replace("b", "")), 0
+
+    def write(self, data):
+        self.writes += 1
+        if self.writes > 1:
+            raise OSError(28, "No space left on device")
+        return self.f.write(bytes(data)[: len(data) // 2])
+
+    def __getattr__(self, name):
+        return getattr(self.f, name)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.f.close()
+
+
+def test_a_full_disk_at_a_metrics_line_is_a_message_and_leaves_no_half_line(tmp_path, monkeypatch):
+    from types import SimpleNamespace
+
+    from whisper_ft import metrics_log
+
+    acc = SimpleNamespace(is_main_process=True, trackers=[])
+    log = metrics_log.MetricsLog(tmp_path, acc, None)
+    log.log(1, {"loss": 2.5})
+    before = (tmp_path / "metrics.jsonl").read_bytes()
+    monkeypatch.setattr(metrics_log, "open", FillingFile, raising=False)
+    with pytest.raises(CheckpointError, match=r"cannot write .*metrics\.jsonl: No space left on device; .* free under"):
+        log.log(2, {"loss": 2.4})
+    assert (tmp_path / "metrics.jsonl").read_bytes() == before
+
+
+def test_a_cut_metrics_line_is_passed_over_by_the_resume_and_the_model_card(tmp_path):
+    """The machine died as a line was written: the resume keeps the whole rows up to its step, the card reads on."""
+    from types import SimpleNamespace
+
+    from whisper_ft import hub, metrics_log
+
+    rows = [{"step": 1, "loss": 2.5}, {"step": 2, "eval_loss": 2.0, "eval_wer": 50.0}, {"step": 3, "loss": 2.1}]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows) + '{"step": 4, "lo')
+    assert hub.read_evals(tmp_path) == [rows[1]]
+    metrics_log.MetricsLog(tmp_path, SimpleNamespace(is_main_process=True, trackers=[]), 2)
+    assert metrics_log.read_rows(tmp_path / "metrics.jsonl") == rows[:2]
+
+
+@pytest.mark.slow
+def test_a_failed_export_leaves_no_final_model_and_the_rerun_exports(tiny_model, tmp_path):
+    """A run finished and exported at step 2, trained on to step 4, its export cut by a full disk (injected at
+    transformers' safetensors write): no config.json is left to call the run finished, neither the new model nor the
+    step-2 one; the rerun of the same command exports the step-4 weights."""
+    out = tmp_path / "run"
+    cfg = base_config(tiny_model, out, max_steps=2, save_steps=2, eval_strategy="no", load_best_model_at_end=False)
+    assert run_train(cfg, tmp_path).returncode == 0 and (out / "config.json").is_file()
+    cfg["max_steps"] = 4
+    config = tmp_path / "c.yaml"
+    config.write_text(yaml.safe_dump(cfg))
+    wrapper = (
+        "import sys, transformers.modeling_utils as m\n"
+        "def full(tensors, filename, metadata=None):\n"
+        "    open(filename, 'wb').write(b'partial')\n"
+        "    raise OSError(28, 'No space left on device')\n"
+        "m.safe_save_file = full\n"
+        f"sys.argv = ['train_loop.py', '--config', {str(config)!r}]\n"
+        f"sys.path.insert(0, {str(ROOT)!r})\n"
+        "import train_loop\n"
+        "sys.exit(train_loop.main())\n")
+    proc = subprocess.run([sys.executable, "-c", wrapper], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 1, proc.stderr[-2000:]
+    assert "writing the final model" in proc.stderr and "No space left on device" in proc.stderr
+    no_traceback(proc)
+    assert not (out / "config.json").exists() and not list(out.glob("model*.safetensors"))
+    assert not (out / ".export.tmp").exists()
+    saved = checksums(out / "checkpoint-4")
+
+    again = run_train(cfg, tmp_path)
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert "this run is finished" not in again.stderr
+    unchanged(saved)
+    import torch
+    from safetensors.torch import load_file
+    from transformers import WhisperForConditionalGeneration
+
+    final = WhisperForConditionalGeneration.from_pretrained(out).state_dict()
+    trained = load_file(out / "checkpoint-4" / "model.safetensors")
+    assert trained and all(torch.equal(final[k], v) for k, v in trained.items())
+
+
 # ---- nonsense settings ----
 
 def test_learning_rate_zero_and_duplicate_keys_are_refused(tmp_path, tiny_model):

@@ -19,6 +19,7 @@ from typing import Any
 
 STATE_FILE = "trainer_state.json"
 COMPLETE = "COMPLETE"  # written last: a folder without it is a save that was interrupted
+EXPORT_TMP = ".export.tmp"  # the final model as it is written, moved into the run folder once whole
 NAME = re.compile(r"^checkpoint-(\d+)$")
 # Checkpoints found but not trusted (incomplete, an inconsistent state, a file that does not read or load): named
 # when skipped, then never pruned or saved over by this process, so what the user may want to inspect stays.
@@ -110,20 +111,34 @@ def prune(root: Path, limit: int, keep: set[Path]) -> list[Path]:
 def export_model(unwrapped_model, processor, out_dir: Path, state_dict: dict | None = None) -> None:
     """A standalone model folder: save_pretrained keeps tied weights loadable (DESIGN: tied output projection).
 
+    Written to `.export.tmp/` and moved into out_dir with config.json last, after the previous export's config.json
+    and weights are removed: out_dir holds a config.json only when the last export completed, which is what a
+    rerun reads as "this run is finished" (DESIGN: a final model that is whole or absent).
+
     state_dict is the whole model gathered by accelerator.get_state_dict (FSDP and ZeRO-3 shard the
     weights, so the unwrapped model's own parameters are only this process's pieces).
     """
     config = unwrapped_model.config
     training_value, config.use_cache = config.use_cache, True  # off only for training; users generate with it
+    tmp = out_dir / EXPORT_TMP
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
-        unwrapped_model.save_pretrained(out_dir, safe_serialization=True, state_dict=state_dict)
-        processor.save_pretrained(out_dir)
+        shutil.rmtree(tmp, ignore_errors=True)
+        for old in [out_dir / "config.json", *out_dir.glob("model*.safetensors*")]:
+            old.unlink(missing_ok=True)
+        unwrapped_model.save_pretrained(tmp, safe_serialization=True, state_dict=state_dict)
+        processor.save_pretrained(tmp)
         # transformers 5 keeps the feature extractor's settings inside processor_config.json; older transformers,
         # faster-whisper's converter and other tools read preprocessor_config.json. Write both.
-        processor.feature_extractor.save_pretrained(out_dir)
+        processor.feature_extractor.save_pretrained(tmp)
+        _fsync_tree(tmp)
+        for path in sorted(tmp.iterdir(), key=lambda p: p.name == "config.json"):  # config.json last
+            os.replace(path, out_dir / path.name)
+        _fsync_dir(out_dir)
+        tmp.rmdir()
     except Exception as e:  # noqa: BLE001 - a full disk is an OSError, a RuntimeError or safetensors' own error
         from whisper_ft.outputs import free_space
+        shutil.rmtree(tmp, ignore_errors=True)
         reason = (str(e).splitlines() or [type(e).__name__])[0][:300]
         raise CheckpointError(f"writing the final model to {out_dir} failed ({type(e).__name__}: {reason}); "
                               f"{free_space(out_dir)}. The checkpoints are intact: free some space and rerun the "

@@ -52,8 +52,9 @@ def read_evals(out: Path) -> list[dict[str, Any]]:
     path = out / "metrics.jsonl"
     if not path.is_file():
         return []
-    rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-    return [r for r in rows if "eval_loss" in r or "eval_wer" in r]
+    from whisper_ft.metrics_log import read_rows
+
+    return [r for r in read_rows(path) if "eval_loss" in r or "eval_wer" in r]
 
 
 def exported_metrics(cfg, state: dict[str, Any], evals: list[dict[str, Any]]) -> dict[str, Any]:
@@ -431,7 +432,11 @@ def publish(cfg, lang, state, out: Path, say) -> str | None:
     state is the run's RunState. Returns the warning when the exported model is worse than the base model, else None.
     """
     saved = state.to_dict()
-    write_model_card(out, cfg, lang, saved)
+    try:
+        write_model_card(out, cfg, lang, saved)
+    except OSError as e:  # the model itself is whole (written before); a full disk must not turn that into a failure
+        from whisper_ft.outputs import free_space
+        say(f"warning: could not write the model card {Path(out) / 'README.md'}: {e.strerror or e}; {free_space(out)}")
     base, exported = state.base_metrics or {}, exported_metrics(cfg, saved, read_evals(Path(out)))
     key = "eval_" + cfg.metric_for_best_model
     if base.get(key) is not None and exported.get(key) is not None:  # the model written, merged or not

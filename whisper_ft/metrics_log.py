@@ -36,9 +36,8 @@ class MetricsLog:
         if resume_step is not None and self.path.exists():
             # Lines written after the checkpoint we resume from will be written again: drop them, so the
             # file reads as one uninterrupted run.
-            kept = [line for line in self.path.read_text(encoding="utf-8").splitlines()
-                    if line.strip() and json.loads(line).get("step", 0) <= resume_step]
-            self.path.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
+            kept = [row for row in read_rows(self.path) if row.get("step", 0) <= resume_step]
+            self.path.write_text("".join(json.dumps(row, ensure_ascii=False) + "\n" for row in kept), encoding="utf-8")
         elif resume_step is None and self.path.exists():
             self.path.unlink()
         if any(getattr(t, "name", "") == "tensorboard" for t in accelerator.trackers):
@@ -47,9 +46,21 @@ class MetricsLog:
     def log(self, step: int, values: dict[str, Any]) -> None:
         if not self.enabled:
             return
-        row = {"step": step, **{k: _plain(v) for k, v in values.items()}}
-        with open(self.path, "a", encoding="utf-8") as f:
-            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+        line = (json.dumps({"step": step, **{k: _plain(v) for k, v in values.items()}}, ensure_ascii=False)
+                + "\n").encode()
+        with open(self.path, "ab", buffering=0) as f:  # unbuffered: a failed write fails here, not at close
+            size = f.tell()
+            try:
+                while line:
+                    line = line[f.write(line):]
+            except OSError as e:  # a full disk: no half line left behind, and a message instead of a traceback
+                f.truncate(size)
+                from whisper_ft.checkpoint import CheckpointError
+                from whisper_ft.outputs import free_space
+
+                raise CheckpointError(f"cannot write {self.path}: {e.strerror or e}; {free_space(self.path.parent)}. "
+                                      "The checkpoints are intact: free some space and rerun the same command to "
+                                      "resume") from None
         scalars = {tag(key): value for key, value in values.items()
                    if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)}
         if scalars and self.accelerator.trackers:
@@ -69,6 +80,19 @@ def tag(key: str) -> str:
     if key.startswith("eval/"):
         return key
     return key.replace("eval_", "eval/", 1) if key.startswith("eval_") else f"train/{key}"
+
+
+def read_rows(path: Path) -> list[dict[str, Any]]:
+    """metrics.jsonl's rows; a blank or cut line (the machine died as it was written) is passed over."""
+    rows = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            row = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(row, dict):
+            rows.append(row)
+    return rows
 
 
 def _plain(value: Any) -> Any:
