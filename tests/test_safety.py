@@ -236,6 +236,18 @@ def test_writable_problem_names_a_read_only_or_unwritable_folder(tmp_path, monke
         tmp_path / "run")
 
 
+def train_on_a_full_disk(cfg: dict, tmp_path: Path, fault: str) -> subprocess.CompletedProcess:
+    """train_loop.main in a process where `fault` (Python source) has first made a writer fail as on a full disk."""
+    config = tmp_path / "c.yaml"
+    config.write_text(yaml.safe_dump(cfg))
+    wrapper = (fault + "import sys\n"
+               f"sys.argv = ['train_loop.py', '--config', {str(config)!r}]\n"
+               f"sys.path.insert(0, {str(ROOT)!r})\n"
+               "import train_loop\n"
+               "sys.exit(train_loop.main())\n")
+    return subprocess.run([sys.executable, "-c", wrapper], cwd=ROOT, capture_output=True, text=True, timeout=300)
+
+
 @pytest.mark.slow
 def test_a_full_disk_during_training_exits_with_the_path_and_free_space(tiny_model, tmp_path):
     """The fault is injected at torch.save in the training process (a wrapper runs train_loop.main)."""
@@ -243,19 +255,12 @@ def test_a_full_disk_during_training_exits_with_the_path_and_free_space(tiny_mod
     cfg = base_config(tiny_model, out, max_steps=6, save_steps=3, eval_strategy="no", load_best_model_at_end=False)
     assert run_train(cfg, tmp_path, "--stop-at-step", "3").returncode == 0
     before = checksums(out / "checkpoint-3")
-    config = tmp_path / "c.yaml"
-    config.write_text(yaml.safe_dump(cfg))
-    wrapper = (
-        "import sys, torch, runpy\n"
+    proc = train_on_a_full_disk(cfg, tmp_path, (
+        "import torch\n"
         "def full(obj, f, *a, **k):\n"
         "    open(f, 'wb').write(b'PK partial')\n"
         "    raise RuntimeError('PytorchStreamWriter failed writing file data/0: file write failed')\n"
-        "torch.save = full\n"
-        f"sys.argv = ['train_loop.py', '--config', {str(config)!r}]\n"
-        f"sys.path.insert(0, {str(ROOT)!r})\n"
-        "import train_loop\n"
-        "sys.exit(train_loop.main())\n")
-    proc = subprocess.run([sys.executable, "-c", wrapper], cwd=ROOT, capture_output=True, text=True, timeout=300)
+        "torch.save = full\n"))
     assert proc.returncode == 1, proc.stderr[-2000:]
     assert "checkpoint-6 failed (RuntimeError" in proc.stderr and "free under" in proc.stderr
     no_traceback(proc)
@@ -323,19 +328,12 @@ def test_a_failed_export_leaves_no_final_model_and_the_rerun_exports(tiny_model,
     cfg = base_config(tiny_model, out, max_steps=2, save_steps=2, eval_strategy="no", load_best_model_at_end=False)
     assert run_train(cfg, tmp_path).returncode == 0 and (out / "config.json").is_file()
     cfg["max_steps"] = 4
-    config = tmp_path / "c.yaml"
-    config.write_text(yaml.safe_dump(cfg))
-    wrapper = (
-        "import sys, transformers.modeling_utils as m\n"
+    proc = train_on_a_full_disk(cfg, tmp_path, (
+        "import transformers.modeling_utils as m\n"
         "def full(tensors, filename, metadata=None):\n"
         "    open(filename, 'wb').write(b'partial')\n"
         "    raise OSError(28, 'No space left on device')\n"
-        "m.safe_save_file = full\n"
-        f"sys.argv = ['train_loop.py', '--config', {str(config)!r}]\n"
-        f"sys.path.insert(0, {str(ROOT)!r})\n"
-        "import train_loop\n"
-        "sys.exit(train_loop.main())\n")
-    proc = subprocess.run([sys.executable, "-c", wrapper], cwd=ROOT, capture_output=True, text=True, timeout=300)
+        "m.safe_save_file = full\n"))
     assert proc.returncode == 1, proc.stderr[-2000:]
     assert "writing the final model" in proc.stderr and "No space left on device" in proc.stderr
     no_traceback(proc)
