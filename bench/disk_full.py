@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import json
 import os
 import subprocess
 import sys
@@ -30,6 +29,8 @@ from safetensors.torch import load_file
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from fault_injection import ROOT, config  # noqa: E402  (the same tiny run)
+
+from whisper_ft.metrics_log import read_rows  # noqa: E402
 
 STEPS, SAVE = 60, 30
 
@@ -48,13 +49,6 @@ def launch(cfg_path: Path, *args: str) -> subprocess.Popen:
 def checksums(folder: Path) -> dict[str, str]:
     return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
             for p in sorted(folder.rglob("*")) if p.is_file()}
-
-
-def rows(out: Path) -> list[dict]:
-    try:
-        return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()]
-    except (OSError, ValueError):  # not there yet, or a line half-written
-        return []
 
 
 def fill(path: Path, leave: int) -> None:
@@ -87,7 +81,8 @@ def case(model: Path, small: Path, name: str, leave, failed: str) -> bool:
     reader = threading.Thread(target=lambda: lines.extend(proc.stderr), daemon=True)
     reader.start()
     # Fill the disk once the resumed run trains (past its disk check, which would refuse before training).
-    while proc.poll() is None and not any(r.get("step", 0) > SAVE + 1 for r in rows(out)):
+    metrics = out / "metrics.jsonl"
+    while proc.poll() is None and not any(r.get("step", 0) > SAVE + 1 for r in read_rows(metrics)):
         time.sleep(0.02)
     fill(small / "filler", leave(checkpoint_size))
     code = proc.wait()
@@ -100,7 +95,7 @@ def case(model: Path, small: Path, name: str, leave, failed: str) -> bool:
         "no traceback": "Traceback" not in err,
         "no checkpoint-*.tmp left": not list(out.glob("checkpoint-*.tmp")),
         f"checkpoint-{SAVE} byte-identical": saved.get(f"checkpoint-{SAVE}") == first,
-        "every metrics.jsonl line whole": all(_whole(line) for line in (out / "metrics.jsonl").read_text().splitlines()),
+        "every metrics.jsonl line whole": len(read_rows(metrics)) == len(metrics.read_text().splitlines()),
     }
     (small / "filler").unlink()
     again = launch(cfg_path)
@@ -121,13 +116,6 @@ def case(model: Path, small: Path, name: str, leave, failed: str) -> bool:
         for which, text in (("the run on the full disk", err), ("the rerun", again_err)):
             print(f"  --- {which}, last lines of stderr:\n" + "\n".join("  " + s for s in text.splitlines()[-12:]))
     return all(checks.values())
-
-
-def _whole(line: str) -> bool:
-    try:
-        return isinstance(json.loads(line), dict)
-    except ValueError:
-        return False
 
 
 def main() -> None:
