@@ -28,7 +28,7 @@ import yaml
 from safetensors.torch import load_file
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from fault_injection import ROOT, config  # noqa: E402  (the same tiny run)
+from fault_injection import ROOT, config, launch  # noqa: E402  (the same tiny run, on one thread)
 
 from whisper_ft.metrics_log import read_rows  # noqa: E402
 
@@ -38,12 +38,6 @@ STEPS, SAVE = 60, 30
 def run_config(model: Path, out: Path) -> dict:
     """fault_injection's run, saving at SAVE and STEPS only, keeping every checkpoint, with TensorBoard on."""
     return {**config(model, out, STEPS), "save_steps": SAVE, "save_total_limit": 0, "report_to": "tensorboard"}
-
-
-def launch(cfg_path: Path, *args: str) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, str(ROOT / "train_loop.py"), "--config", str(cfg_path), *args],
-                            cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-                            env={**os.environ, "OMP_NUM_THREADS": "1"})  # one thread: the same sums every run
 
 
 def checksums(folder: Path) -> dict[str, str]:

@@ -35,8 +35,9 @@ def config(model: Path, out: Path, steps: int) -> dict:
             "report_to": "none"}
 
 
-def launch(cfg_path: Path) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, str(ROOT / "train_loop.py"), "--config", str(cfg_path)], cwd=ROOT,
+def launch(cfg_path: Path, *args: str) -> subprocess.Popen:
+    """train_loop.py on one thread (the same sums every run), stderr piped."""
+    return subprocess.Popen([sys.executable, str(ROOT / "train_loop.py"), "--config", str(cfg_path), *args], cwd=ROOT,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
                             env={**os.environ, "OMP_NUM_THREADS": "1"})
 
